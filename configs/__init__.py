@@ -1,0 +1,1 @@
+"""Hydra configs: model/, parallel/, data/, train/, logging/ groups and the top-level presets."""

@@ -1,0 +1,284 @@
+"""Structured configs for the model: the schema Hydra validates against, plus derived numbers.
+
+Derived numbers (parameter counts, FLOPs per token) are methods here so the planner, the logger
+and the tests agree on one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+TOPK_MODES = ("global", "per_group")
+COMBINE_MODES = ("renormalize", "authors")
+EXPERT_COMPUTE = ("auto", "loop", "grouped")
+ALLOCATIONS = ("all_size", "group_coupled")
+FFN_TYPES = ("dense", "mohge")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+@dataclass
+class ExpertGroupConfig:
+    """One size group: `num_experts` SwiGLU experts of width `ffn_hidden_size`."""
+
+    num_experts: int = 8
+    ffn_hidden_size: int = 512
+
+
+@dataclass
+class MoEConfig:
+    """An MoHGE layer: groups of experts, two-level routing and the method's auxiliary losses.
+
+    A homogeneous top-k MoE is the one-group case (k_group=1).
+    """
+
+    groups: list[ExpertGroupConfig] = field(default_factory=lambda: [ExpertGroupConfig()])
+    k_group: int = 1  # groups kept per token (top K_g of the sigmoid group scores)
+    top_k: int = 2  # experts per token, taken across the kept groups
+    topk_mode: str = "global"  # "global": top_k across kept groups; "per_group": top_k/k_group in each
+    combine: str = "renormalize"  # "renormalize": selected s / sum; "authors": softmax over selected s
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: int = 0  # width of each always-on shared expert
+    group_aux_coeff: float = 1e-5  # a_G of the group-wise auxiliary loss
+    group_aux_start_fraction: float = 0.5  # fraction of train.steps after which a_G switches on
+    group_aux_width_interval: float = 1024.0  # D in w_g = (W_g - W_min + D) / D
+    intra_aux_coeff: float = 4e-3  # a_I of the intra-group experts auxiliary loss
+    z_loss_coeff: float = 0.0  # router z-loss on the expert logits
+    router_init_std: float = 0.02
+    expert_compute: str = "auto"  # "loop" (reference), "grouped" (permute + one GEMM per group), "auto"
+    allocation: str = "all_size"  # expert placement over EP ranks: "all_size" | "group_coupled"
+    capacity_factor: Optional[float] = None  # None: dropless
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_experts(self) -> int:
+        return sum(g.num_experts for g in self.groups)
+
+    @property
+    def group_widths(self) -> list[int]:
+        return [g.ffn_hidden_size for g in self.groups]
+
+    def expert_group_ids(self) -> list[int]:
+        """Group index of every global expert id (experts are numbered group by group)."""
+        return [gi for gi, g in enumerate(self.groups) for _ in range(g.num_experts)]
+
+    def group_offsets(self) -> list[int]:
+        """First global expert id of each group, plus the total at the end."""
+        offsets = [0]
+        for g in self.groups:
+            offsets.append(offsets[-1] + g.num_experts)
+        return offsets
+
+    def width_weights(self) -> list[float]:
+        """w_g = (W_g - W_min + D) / D: the group-wise loss's cost weight of each group."""
+        w_min = min(self.group_widths)
+        d = self.group_aux_width_interval
+        return [(w - w_min + d) / d for w in self.group_widths]
+
+    def routed_expert_params(self, d_model: int) -> int:
+        """Parameters of all routed experts (three d_model x F matrices each, SwiGLU)."""
+        return sum(3 * d_model * g.ffn_hidden_size * g.num_experts for g in self.groups)
+
+    def shared_expert_params(self, d_model: int) -> int:
+        return 3 * d_model * self.shared_ffn_hidden_size * self.num_shared_experts
+
+    def router_params(self, d_model: int) -> int:
+        return d_model * (self.num_groups + self.num_experts)
+
+    def expected_active_width(self, group_fractions: Optional[Sequence[float]] = None) -> float:
+        """Expected routed FFN width a token runs through (sum over its k experts).
+
+        `group_fractions[g]` is the share of the token's k expert slots that land in group g
+        (sums to 1). Default: uniform over groups, which is what an untrained router gives.
+        """
+        if group_fractions is None:
+            group_fractions = [1.0 / self.num_groups] * self.num_groups
+        if len(group_fractions) != self.num_groups:
+            raise ConfigError(
+                f"group_fractions: got {len(group_fractions)} values for {self.num_groups} groups"
+            )
+        total = float(sum(group_fractions))
+        return self.top_k * sum(f / total * w for f, w in zip(group_fractions, self.group_widths))
+
+    def validate(self, d_model: int, prefix: str = "model.moe") -> None:
+        _require(self.num_groups >= 1, f"{prefix}.groups", "needs at least one group")
+        for i, g in enumerate(self.groups):
+            _require(g.num_experts >= 1, f"{prefix}.groups[{i}].num_experts", "must be >= 1")
+            _require(g.ffn_hidden_size >= 1, f"{prefix}.groups[{i}].ffn_hidden_size", "must be >= 1")
+        _require(
+            1 <= self.k_group <= self.num_groups,
+            f"{prefix}.k_group",
+            f"{self.k_group} is outside 1..{self.num_groups} (the number of groups)",
+        )
+        _require(self.topk_mode in TOPK_MODES, f"{prefix}.topk_mode", f"must be one of {TOPK_MODES}")
+        _require(self.combine in COMBINE_MODES, f"{prefix}.combine", f"must be one of {COMBINE_MODES}")
+        _require(
+            self.expert_compute in EXPERT_COMPUTE,
+            f"{prefix}.expert_compute",
+            f"must be one of {EXPERT_COMPUTE}",
+        )
+        _require(self.allocation in ALLOCATIONS, f"{prefix}.allocation", f"must be one of {ALLOCATIONS}")
+        _require(self.top_k >= 1, f"{prefix}.top_k", "must be >= 1")
+        smallest_kept = sum(sorted(g.num_experts for g in self.groups)[: self.k_group])
+        if self.topk_mode == "global":
+            _require(
+                self.top_k <= smallest_kept,
+                f"{prefix}.top_k",
+                f"{self.top_k} experts cannot always be found in the {self.k_group} kept group(s), which "
+                f"may hold only {smallest_kept} experts; lower top_k or raise k_group",
+            )
+        else:
+            _require(
+                self.top_k % self.k_group == 0,
+                f"{prefix}.top_k",
+                f"per_group routing takes top_k/k_group experts in each kept group, so top_k "
+                f"({self.top_k}) must be a multiple of k_group ({self.k_group})",
+            )
+            per_group = self.top_k // self.k_group
+            fewest = min(g.num_experts for g in self.groups)
+            _require(
+                per_group <= fewest,
+                f"{prefix}.top_k",
+                f"per_group routing takes {per_group} experts in each kept group but a group holds "
+                f"only {fewest}; lower top_k or raise k_group",
+            )
+        _require(self.num_shared_experts >= 0, f"{prefix}.num_shared_experts", "must be >= 0")
+        if self.num_shared_experts:
+            _require(
+                self.shared_ffn_hidden_size >= 1,
+                f"{prefix}.shared_ffn_hidden_size",
+                "must be set when num_shared_experts > 0",
+            )
+        _require(
+            0.0 <= self.group_aux_start_fraction <= 1.0,
+            f"{prefix}.group_aux_start_fraction",
+            "must lie in [0, 1] (fraction of train.steps)",
+        )
+        _require(self.group_aux_width_interval > 0, f"{prefix}.group_aux_width_interval", "must be > 0")
+        for name in ("group_aux_coeff", "intra_aux_coeff", "z_loss_coeff"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        if self.capacity_factor is not None:
+            _require(self.capacity_factor > 0, f"{prefix}.capacity_factor", "must be > 0 or null (dropless)")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder; `ffn_type=mohge` swaps the FFN of layers >= first_k_dense for MoHGE."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_hidden_size: int = 1024  # width of the dense FFN layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    ffn_type: str = "mohge"
+    first_k_dense: int = 0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.ffn_type == "mohge" and layer_id >= self.first_k_dense
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def validate(self) -> None:
+        _require(self.vocab_size >= 2, "model.vocab_size", "must be >= 2")
+        _require(self.n_layers >= 1, "model.n_layers", "must be >= 1")
+        _require(self.n_heads >= 1, "model.n_heads", "must be >= 1")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            f"{self.d_model} is not divisible by model.n_heads={self.n_heads}",
+        )
+        _require(self.head_dim % 2 == 0, "model.d_model", "d_model / n_heads must be even for RoPE")
+        _require(
+            self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+            "model.n_kv_heads",
+            f"{self.n_kv_heads} must divide model.n_heads={self.n_heads} (grouped-query attention)",
+        )
+        _require(self.ffn_type in FFN_TYPES, "model.ffn_type", f"must be one of {FFN_TYPES}")
+        _require(
+            0 <= self.first_k_dense <= self.n_layers,
+            "model.first_k_dense",
+            f"must lie in 0..n_layers ({self.n_layers})",
+        )
+        _require(self.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
+        if self.ffn_type == "mohge":
+            self.moe.validate(self.d_model)
+
+    # ---- parameter counts and FLOPs ---------------------------------------------------
+    def _attention_params(self) -> int:
+        kv_dim = self.n_kv_heads * self.head_dim
+        return self.d_model * self.d_model * 2 + self.d_model * kv_dim * 2
+
+    def _dense_ffn_params(self) -> int:
+        return 3 * self.d_model * self.ffn_hidden_size
+
+    def _moe_ffn_params(self) -> int:
+        m = self.moe
+        return m.routed_expert_params(self.d_model) + m.shared_expert_params(self.d_model) + m.router_params(
+            self.d_model
+        )
+
+    def num_params(self) -> int:
+        """Every parameter the model holds (embeddings counted once when tied)."""
+        per_layer_common = self._attention_params() + 2 * self.d_model  # two RMSNorm weights
+        ffn = sum(
+            self._moe_ffn_params() if self.is_moe_layer(i) else self._dense_ffn_params()
+            for i in range(self.n_layers)
+        )
+        embed = self.vocab_size * self.d_model
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return embed + head + self.n_layers * per_layer_common + ffn + self.d_model
+
+    def num_routed_expert_params(self) -> int:
+        return self.num_moe_layers * self.moe.routed_expert_params(self.d_model)
+
+    def active_params_per_token(self, group_fractions: Optional[Sequence[float]] = None) -> float:
+        """Parameters a token touches: everything but the routed experts it skips.
+
+        Routed experts count by the expected width the token runs through (see
+        MoEConfig.expected_active_width), so heterogeneous groups give a routing-dependent number.
+        """
+        total = self.num_params()
+        if self.num_moe_layers == 0:
+            return float(total)
+        active_routed = 3 * self.d_model * self.moe.expected_active_width(group_fractions)
+        skipped = self.moe.routed_expert_params(self.d_model) - active_routed
+        return float(total - self.num_moe_layers * skipped)
+
+    def flops_per_token(self, seq_len: int, group_fractions: Optional[Sequence[float]] = None) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward).
+
+        Matmuls count 2 FLOPs per multiply-add over the active non-embedding parameters plus the
+        output head, and causal attention adds 2 * 2 * seq_len/2 * d_model per layer (QK^T and AV).
+        """
+        active = self.active_params_per_token(group_fractions)
+        embed_in = self.vocab_size * self.d_model  # a lookup, not a matmul
+        if self.tie_embeddings:
+            active += self.vocab_size * self.d_model  # the tied head still multiplies
+        matmul = 2 * (active - embed_in)
+        attention = self.n_layers * 2 * 2 * (seq_len / 2) * self.d_model
+        return 3 * (matmul + attention)

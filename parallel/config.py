@@ -1,0 +1,44 @@
+"""Parallel layout config: the degrees of each dimension. Runtime objects (meshes) live elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mohge.model.config import ConfigError
+
+PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+ACTIVATION_CHECKPOINT = ("none", "selective", "full")
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees multiply to the world size: dp_replicate * dp_shard * tp * pp.
+
+    Expert parallel (ep) is carved out of the data-parallel ranks (dp_replicate * dp_shard * tp
+    must be a multiple of ep... see ParallelDims), as large MoE frameworks do.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    sequence_parallel: bool = True  # with tp > 1, also shard norms/dropout regions over sequence
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1  # stages per pp rank (interleaved schedules use > 1)
+    pp_layer_split: list[int] | None = None  # layers per stage; None: as even as possible
+    ep: int = 1
+    activation_checkpoint: str = "none"
+    backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule: must be one of {PP_SCHEDULES}")
+        if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:
+            raise ConfigError(f"parallel.activation_checkpoint: must be one of {ACTIVATION_CHECKPOINT}")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
