@@ -1,0 +1,1 @@
+"""The MoHGE layer: router, dispatcher, routed experts, auxiliary losses."""

@@ -1,0 +1,70 @@
+"""Dense building blocks: rotary embedding, grouped-query attention and the SwiGLU feed-forward.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, Hkv key/value heads, Dh head dim,
+F ffn width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin table [S, Dh] for rotating query/key halves (the "rotate half" convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles_SDh2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat([angles_SDh2.cos(), angles_SDh2.sin()], dim=-1)
+
+
+def apply_rope(x_BSHDh: torch.Tensor, cache_SDh: torch.Tensor) -> torch.Tensor:
+    seq_len, half = x_BSHDh.shape[1], x_BSHDh.shape[-1] // 2
+    cos = cache_SDh[:seq_len, :half].view(1, seq_len, 1, half)
+    sin = cache_SDh[:seq_len, half:].view(1, seq_len, 1, half)
+    x1, x2 = x_BSHDh.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.type_as(x_BSHDh)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through scaled_dot_product_attention.
+
+    Head counts are read off the projection outputs (`view(..., -1, Dh)`), so a tensor-parallel
+    plan that shards wq/wk/wv column-wise needs no change here.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.head_dim = d_model // n_heads
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope_SDh: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHDh = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
+        k_BSHDh = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
+        v_BSHDh = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+        out_BHSDh = F.scaled_dot_product_attention(
+            q_BSHDh.transpose(1, 2),
+            k_BSHDh.transpose(1, 2),
+            v_BSHDh.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=q_BSHDh.shape[2] != k_BSHDh.shape[2],
+        )
+        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

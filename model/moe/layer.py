@@ -1,0 +1,155 @@
+"""The MoHGE feed-forward layer: Router -> Dispatcher -> RoutedExperts -> combine (+ shared experts).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, G groups, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mohge.model.config import MoEConfig
+from mohge.model.layers import FeedForward
+from mohge.model.moe.dispatch import LocalDispatcher
+from mohge.model.moe.experts import RoutedExperts
+from mohge.model.moe.losses import attach_aux_loss, group_aux_loss, intra_group_aux_loss, router_z_loss
+from mohge.model.moe.router import GroupRouter, Routing
+
+
+class RoutingStats:
+    """Per-layer routing statistics summed over the forwards since the last `pop()`.
+
+    Recording is switched off while activation checkpointing recomputes a forward, so nothing is
+    counted twice (see `recording_suspended`).
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.recording = True
+        self.reset()
+
+    def reset(self) -> None:
+        # Sums stay on the device as tensors; `pop()` is the only host sync.
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.forwards = 0
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def record(self, routing: Routing, losses: dict[str, torch.Tensor]) -> None:
+        if not self.recording:
+            return
+        self._add("tokens_per_expert", torch.bincount(routing.expert_idx_TK.flatten(), minlength=self.num_experts))
+        self._add("group_tokens", routing.group_mask_TG.sum(0))
+        for name, value in losses.items():
+            self._add(name, value)
+        self.tokens += routing.expert_idx_TK.shape[0]
+        self.forwards += 1
+
+    def pop(self) -> dict:
+        """Totals since the last pop (loss values averaged per forward, counts summed), then reset.
+
+        Keys: tokens, forwards, tokens_per_expert [E], group_tokens [G], and one per loss.
+        """
+        n = max(self.forwards, 1)
+        out: dict = {"tokens": self.tokens, "forwards": self.forwards}
+        for name, value in self.sums.items():
+            value = value.cpu()
+            out[name] = value if value.dim() else float(value) / n
+        self.reset()
+        return out
+
+
+class MoHGELayer(nn.Module):
+    """Routes each token to k experts of several sizes and mixes their outputs.
+
+    The group-wise, intra-group and z auxiliary losses are attached to the output through
+    autograd; `group_aux_active` is switched on by the trainer at `group_aux_start_fraction`.
+    """
+
+    def __init__(self, d_model: int, moe: MoEConfig, expert_compute: str = "loop"):
+        super().__init__()
+        self.cfg = moe
+        self.router = GroupRouter(d_model, moe)
+        self.experts = RoutedExperts(d_model, moe.groups, expert_compute)
+        self.shared = (
+            FeedForward(d_model, moe.shared_ffn_hidden_size * moe.num_shared_experts)
+            if moe.num_shared_experts
+            else None
+        )
+        self.dispatcher = LocalDispatcher(moe.num_experts)
+        self.group_aux_active = moe.group_aux_start_fraction == 0.0
+        self.stats = RoutingStats(moe.num_experts)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD)
+
+        x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK)
+        y_disp = self.experts(x_disp, tokens_per_expert)
+        y_TKD = self.dispatcher.combine(y_disp, handle)
+        out_TD = (y_TKD * routing.weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+
+        losses = self.aux_losses(routing)
+        self.stats.record(routing, losses)
+        if self.training:
+            out_TD = attach_aux_loss(out_TD, self.weighted_aux_loss(losses))
+        return out_TD.view(B, S, D)
+
+    def aux_losses(self, routing: Routing) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary losses of this forward."""
+        cfg = self.cfg
+        return {
+            "group_aux_loss": group_aux_loss(
+                routing.group_logits_TG,
+                routing.group_mask_TG,
+                torch.tensor(cfg.width_weights(), device=routing.group_logits_TG.device),
+                cfg.k_group,
+            ),
+            "intra_group_aux_loss": intra_group_aux_loss(
+                routing.aux_scores_TE, routing.expert_idx_TK, cfg.num_groups, cfg.k_group
+            ),
+            "z_loss": router_z_loss(routing.expert_logits_TE, cfg.group_offsets()),
+        }
+
+    def weighted_aux_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        group_coeff = cfg.group_aux_coeff if self.group_aux_active else 0.0
+        return (
+            group_coeff * losses["group_aux_loss"]
+            + cfg.intra_aux_coeff * losses["intra_group_aux_loss"]
+            + cfg.z_loss_coeff * losses["z_loss"]
+        )
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoHGELayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, MoHGELayer):
+            yield name, module
+
+
+@contextmanager
+def recording_suspended(model: nn.Module):
+    """Stops routing statistics from being recorded (used for recomputed forwards)."""
+    layers = [layer for _, layer in moe_layers(model)]
+    previous = [layer.stats.recording for layer in layers]
+    for layer in layers:
+        layer.stats.recording = False
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.stats.recording = was
+
+
+def set_group_aux_active(model: nn.Module, active: bool) -> None:
+    for _, layer in moe_layers(model):
+        layer.group_aux_active = active

@@ -1,0 +1,119 @@
+"""The decoder: embedding -> blocks (attention + dense FFN or MoHGE) -> norm -> output head.
+
+Built on `meta`, moved with `to_empty`, then `init_weights(seed)`: every parameter's initial value
+is drawn from a generator seeded by (seed, parameter name) on its full shape, so any parallel
+layout that keeps parameter names starts from the same weights. Pipeline stages delete the
+modules they do not run (the embedding, some blocks, the head) and keep the names of the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mohge.model.config import ModelConfig
+from mohge.model.layers import Attention, FeedForward, rope_cache
+from mohge.model.moe.layer import MoHGELayer
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, expert_compute: str = "loop"):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.is_moe_layer(layer_id):
+            self.ffn: nn.Module = MoHGELayer(cfg.d_model, cfg.moe, expert_compute)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden_size)
+
+    def forward(self, x_BSD: torch.Tensor, rope_SDh: torch.Tensor) -> torch.Tensor:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), rope_SDh)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens [B, S] -> logits [B, S, V] (or hidden states on a pipeline stage without the head)."""
+
+    def __init__(self, cfg: ModelConfig, expert_compute: str = "loop"):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, i, expert_compute) for i in range(cfg.n_layers)}
+        )
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # A tied head multiplies by the embedding table directly: a shared Parameter would come
+        # apart under to_empty() and under per-stage sharding.
+        self.output: nn.Linear | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        )
+        self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        if self.norm is None:  # a pipeline stage before the last returns hidden states
+            return h
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+
+    # ---- initialisation -----------------------------------------------------------------
+    def init_weights(self, seed: int) -> None:
+        """Deterministic, layout-independent initial values (see the module docstring)."""
+        device = next(self.parameters()).device
+        self.rope = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                full = initial_value(name, full_shape(param), self.cfg, seed)
+                copy_local(param, full)
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied head counted once), as ModelConfig.num_params() counts them."""
+        return sum(full_numel(p) for p in self.parameters())
+
+
+def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (full shape), on CPU in fp32."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith(("attention.wo.weight", ".w2.weight", ".w2")):
+        std = std / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, as GPT-2 / Megatron
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+# Parallel wrappers that shard a parameter record how to find its full shape and local part:
+# DTensors carry it themselves; expert parallel stores `_mohge_full_shape` / `_mohge_rows`.
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "_mohge_full_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return math.prod(full_shape(param))
+
+
+def copy_local(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copies this process's part of `full` into `param` (plain, expert-sliced or DTensor)."""
+    rows = getattr(param, "_mohge_rows", None)
+    if rows is not None:
+        full = full[rows]
+    if hasattr(param, "device_mesh"):  # DTensor: distribute the full value with its placements
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
+        param.copy_(full)
+        return
+    param.copy_(full.to(device=param.device, dtype=param.dtype))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta", expert_compute: str = "loop") -> Transformer:
+    """Builds the model on `device` without initialising it (call init_weights after moving)."""
+    with torch.device(device):
+        return Transformer(cfg, expert_compute)

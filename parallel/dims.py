@@ -1,0 +1,92 @@
+"""ParallelDims: the degrees of every dimension, checked against the world size up front, and the
+named DeviceMeshes built from them.
+
+Rank layout, outermost to innermost: pp, dp_replicate, dp_shard, tp. Expert parallel is carved
+out of the data-parallel ranks: the flattened dp index d = dp_replicate_i * dp_shard + dp_shard_i
+splits as d = edp_i * ep + ep_i, so the expert mesh is (pp, edp, ep, tp) over the same ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mohge.model.config import ConfigError
+from mohge.parallel.config import ParallelConfig
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    ep: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        cfg.validate()
+        dims = cls(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep, world_size)
+        dims.validate()
+        return dims
+
+    def validate(self) -> None:
+        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
+        if product != self.world_size:
+            others = self.world_size // (self.tp * self.pp) if self.world_size % (self.tp * self.pp) == 0 else None
+            hint = (
+                f"; e.g. parallel.dp_shard={others // self.dp_replicate}"
+                if others and others % self.dp_replicate == 0
+                else f"; the world size {self.world_size} must be divisible by tp*pp={self.tp * self.pp}"
+            )
+            raise ConfigError(
+                f"parallel: dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x tp({self.tp}) x "
+                f"pp({self.pp}) = {product}, but the job has {self.world_size} processes{hint}"
+            )
+        if self.dp % self.ep != 0:
+            raise ConfigError(
+                f"parallel.ep: {self.ep} must divide the data-parallel degree dp_replicate x dp_shard = "
+                f"{self.dp} (experts are spread over data-parallel ranks); valid: {_divisors(self.dp)}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def edp(self) -> int:
+        """Data-parallel replicas of each expert."""
+        return self.dp // self.ep
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along every named dimension."""
+        tp_i = rank % self.tp
+        dp_i = (rank // self.tp) % self.dp
+        pp_i = rank // (self.tp * self.dp)
+        return {
+            "pp": pp_i,
+            "dp": dp_i,
+            "dp_replicate": dp_i // self.dp_shard,
+            "dp_shard": dp_i % self.dp_shard,
+            "tp": tp_i,
+            "ep": dp_i % self.ep,
+            "edp": dp_i // self.ep,
+        }
+
+    def build_meshes(self, device_type: str):
+        """(dense mesh (pp, dp_replicate, dp_shard, tp), expert mesh (pp, edp, ep, tp))."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dense = init_device_mesh(
+            device_type,
+            (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
+        )
+        expert = init_device_mesh(
+            device_type, (self.pp, self.edp, self.ep, self.tp), mesh_dim_names=("pp", "edp", "ep", "tp")
+        )
+        return dense, expert

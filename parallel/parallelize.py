@@ -1,0 +1,109 @@
+"""Turns a plain Transformer into a distributed one, and syncs its gradients.
+
+Order (fixed): expert parallel -> tensor parallel -> pipeline split -> activation checkpointing ->
+data parallel. Each step lives in its own module; this file only sequences them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mohge.parallel.dims import ParallelDims
+
+
+@dataclass
+class ParallelContext:
+    """What the training loop needs to know about its place in the job."""
+
+    dims: ParallelDims
+    rank: int = 0
+    dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
+    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp, ep, tp)
+
+    @property
+    def distributed(self) -> bool:
+        return self.dims.world_size > 1
+
+    @property
+    def coords(self) -> dict[str, int]:
+        return self.dims.coords(self.rank)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords["dp"]
+
+    @property
+    def is_log_rank(self) -> bool:
+        return self.rank == 0
+
+    def group(self, name: str):
+        """Process group of one named dimension ('dp' flattens dp_replicate x dp_shard)."""
+        if not self.distributed:
+            return None
+        if name in ("ep", "edp"):
+            return self.expert_mesh.get_group(name)
+        if name == "dp":
+            return self.dense_mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+        return self.dense_mesh.get_group(name)
+
+
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
+    """Applies every parallel dimension of `cfg.parallel` to a model built on meta."""
+    dims = ctx.dims
+    if dims.ep > 1:
+        from mohge.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, ctx, cfg.model.moe)
+    if dims.tp > 1 or dims.pp > 1:
+        raise NotImplementedError("tensor and pipeline parallel are not wired into the trainer yet")
+    return model
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
+    """Averages gradients over data-parallel ranks so each equals the single-process gradient of
+    the whole global batch: dense grads summed over dp, expert grads over the expert replicas
+    (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp."""
+    if not ctx.distributed or ctx.dims.dp == 1:
+        return
+    dense = [p.grad for n, p in model.named_parameters() if p.grad is not None and not is_expert_param(n)]
+    expert = [p.grad for n, p in model.named_parameters() if p.grad is not None and is_expert_param(n)]
+    for grads, group in ((dense, ctx.group("dp")), (expert, ctx.group("edp") if ctx.dims.edp > 1 else None)):
+        if not grads:
+            continue
+        flat = torch.cat([g.flatten() for g in grads])
+        if group is not None:
+            dist.all_reduce(flat, group=group)
+        flat.div_(ctx.dims.dp)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
+    """L2 norm over all parameters of the model, each counted once (expert shards summed over ep)."""
+    device = next(model.parameters()).device
+    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        sq = param.grad.detach().double().square().sum()
+        if is_expert_param(name):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ctx.distributed and ctx.dims.ep > 1:
+        dist.all_reduce(expert_sq, group=ctx.group("ep"))
+    return (dense_sq + expert_sq).sqrt()

@@ -1,0 +1,285 @@
+"""The training loop: config -> mesh -> model (meta) -> parallelize -> init -> data -> steps.
+
+One optimizer step = `grad_accum_steps` micro-batches per data-parallel rank. Each micro-batch
+backpropagates its own mean loss; gradients are then divided by the number of micro-batches and
+averaged over data-parallel ranks, so every layout computes the gradient of the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mohge.model.moe.layer import moe_layers, recording_suspended, set_group_aux_active
+from mohge.model.transformer import build_model
+from mohge.parallel.dims import ParallelDims
+from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, sync_gradients
+from mohge.train.config import RunConfig
+from mohge.train.metrics import MetricsLogger
+from mohge.train.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # lm loss per step
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on CUDA (precision=auto or bf16), none (fp32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def resolve_expert_compute(setting: str, device: torch.device) -> str:
+    """`auto`: grouped GEMM on CUDA, the per-expert loop on CPU."""
+    if setting == "auto":
+        return "grouped" if device.type == "cuda" else "loop"
+    return setting
+
+
+def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten())
+
+
+def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
+    """Starts torch.distributed when launched by torchrun and checks the layout before any work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dims = ParallelDims.from_config(cfg.parallel, world)  # fails with a clear message first
+    device = resolve_device(cfg.train.device, local_rank)
+    ctx = ParallelContext(dims=dims, rank=rank)
+    if world > 1:
+        backend = cfg.parallel.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes(device.type)
+    return ctx, device
+
+
+def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> nn.Module:
+    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device)
+    model = build_model(cfg.model, "meta", expert_compute=compute)
+    model = parallelize_model(model, ctx, cfg)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed)
+    return model
+
+
+def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
+    """Per MoE layer: group token fractions, expert loads and aux losses since the last call.
+
+    With expert parallel, also the tokens and expert FLOPs each EP rank received and their
+    imbalance ratio (max / mean). Counts are summed over data-parallel ranks.
+    """
+    per_layer, totals = {}, {"group_aux_loss": 0.0, "intra_group_aux_loss": 0.0, "z_loss": 0.0}
+    layers = list(moe_layers(model))
+    for name, layer in layers:
+        stats = layer.stats.pop()
+        if not stats["forwards"]:
+            continue
+        tokens_per_expert = stats["tokens_per_expert"]
+        if ctx.distributed and ctx.dims.dp > 1:
+            tokens_per_expert = tokens_per_expert.to(next(model.parameters()).device)
+            dist.all_reduce(tokens_per_expert, group=ctx.group("dp"))
+            tokens_per_expert = tokens_per_expert.cpu()
+        offsets = layer.cfg.group_offsets()
+        slots = float(tokens_per_expert.sum()) or 1.0
+        group_slots = [float(tokens_per_expert[offsets[g] : offsets[g + 1]].sum()) for g in range(len(offsets) - 1)]
+        entry = {
+            "group_fraction": [s / slots for s in group_slots],
+            "expert_load": [float(c) / slots for c in tokens_per_expert],
+            **{k: stats[k] for k in totals},
+        }
+        placement = getattr(layer, "placement", None)
+        if placement is not None:
+            from mohge.parallel.allocation import rank_flops
+
+            d_model = layer.router.group_gate.weight.shape[-1]
+            flops = rank_flops(placement, tokens_per_expert.tolist(), d_model)
+            mean = sum(flops) / len(flops) if flops else 0.0
+            entry["ep_rank_tokens"] = [
+                float(sum(tokens_per_expert[e] for e in placement.local_experts(r))) for r in range(placement.ep_size)
+            ]
+            entry["ep_flop_imbalance"] = max(flops) / mean if mean > 0 else 1.0
+        per_layer[name] = entry
+        for k in totals:
+            totals[k] += stats[k] / len(layers)
+    return {"moe": per_layer, **totals}
+
+
+def weighted_aux_total(model: nn.Module, metrics: dict) -> float:
+    """The auxiliary terms' contribution to the objective, from the per-layer mean values."""
+    total = 0.0
+    for name, layer in moe_layers(model):
+        entry = metrics["moe"].get(name)
+        if entry is None:
+            continue
+        cfg = layer.cfg
+        group_coeff = cfg.group_aux_coeff if layer.group_aux_active else 0.0
+        total += (
+            group_coeff * entry["group_aux_loss"]
+            + cfg.intra_aux_coeff * entry["intra_group_aux_loss"]
+            + cfg.z_loss_coeff * entry["z_loss"]
+        )
+    return total
+
+
+def status_line(step: int, total: int, m: dict) -> str:
+    groups = ""
+    layers = list(m.get("moe", {}).values())
+    if layers:
+        last = layers[-1]["group_fraction"]
+        groups = " groups[" + " ".join(f"{f:.2f}" for f in last) + "]"
+    return (
+        f"step {step:>5}/{total} loss {m['loss']:.4f} lm {m['lm_loss']:.4f} lr {m['lr']:.2e} "
+        f"gnorm {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f}{groups}"
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: Optional[torch.dtype], ctx) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with recording_suspended(model):
+        for tokens, labels in data.valid_batches(cfg.train.eval_iters):
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                total += float(lm_loss(model(tokens.to(device)), labels.to(device)))
+            count += 1
+    model.train()
+    value = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if ctx.distributed and ctx.dims.dp > 1:
+        dist.all_reduce(value, group=ctx.group("dp"))
+    return float(value[0] / value[1].clamp_min(1))
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Runs `cfg.train.steps` optimizer steps and returns the loss history."""
+    from mohge.data.loader import build_data
+
+    cfg.validate()
+    ctx, device = init_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_parallel_model(cfg, ctx, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.train, device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    t = cfg.train
+    n_micro = cfg.grad_accum_steps
+    data = build_data(
+        cfg.data,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        out_dir=cfg.out_dir,
+        model_vocab_size=cfg.model.vocab_size,
+        dp_rank=ctx.dp_rank,
+        dp_size=ctx.dims.dp,
+        train_samples=t.steps * t.global_batch_size,
+        valid_samples=max(t.eval_iters, 1) * t.micro_batch_size * ctx.dims.dp,
+    )
+    logger = MetricsLogger(
+        cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=ctx.is_log_rank
+    )
+    if ctx.is_log_rank:
+        n_params = cfg.model.num_params()
+        print(
+            f"mohge: {n_params / 1e6:.2f}M params, {cfg.model.active_params_per_token() / 1e6:.2f}M active/token, "
+            f"world {ctx.dims.world_size} (dp {ctx.dims.dp}, ep {ctx.dims.ep}, tp {ctx.dims.tp}, pp {ctx.dims.pp}), "
+            f"device {device}, {n_micro} micro-batch(es)/step",
+            flush=True,
+        )
+
+    result = TrainResult(steps=t.steps)
+    group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
+    tokens_per_step = t.global_batch_size * t.seq_len
+    window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    bad_streak = 0
+    for step in range(t.steps):
+        set_group_aux_active(model, step >= group_aux_start)
+        lr = lr_at(step, t)
+        set_lr(optimizer, lr)
+        step_loss = 0.0
+        for _ in range(n_micro):
+            tokens, labels = data.next_train_batch()
+            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = lm_loss(model(tokens), labels)
+            loss.backward()
+            step_loss += float(loss.detach()) / n_micro
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(n_micro)
+        sync_gradients(model, ctx)
+        grad_norm = global_grad_norm(model, ctx)
+        if torch.isfinite(grad_norm):
+            bad_streak = 0
+            if t.grad_clip > 0:
+                clip = (t.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+                for param in model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(clip.to(param.grad.dtype))
+            optimizer.step()
+        else:  # a non-finite gradient anywhere skips the update on every rank (the norm is global)
+            bad_streak += 1
+            result.skipped_steps += 1
+            if bad_streak >= t.max_bad_steps:
+                raise RuntimeError(
+                    f"step {step + 1}: {bad_streak} consecutive steps with a non-finite loss or gradient "
+                    f"norm (train.max_bad_steps={t.max_bad_steps}); stopping. Lower train.lr or inspect the data."
+                )
+        optimizer.zero_grad(set_to_none=True)
+
+        if ctx.distributed and ctx.dims.dp > 1:
+            reduced = torch.tensor(step_loss, dtype=torch.float64, device=device)
+            dist.all_reduce(reduced, group=ctx.group("dp"))
+            step_loss = float(reduced) / ctx.dims.dp
+        result.losses.append(step_loss)
+        window_tokens += tokens_per_step
+        window_loss += step_loss
+        window_steps += 1
+        logger.advance()
+
+        last = step + 1 == t.steps
+        if (step + 1) % t.log_every == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"step": step + 1, "lm_loss": window_loss / window_steps}
+            metrics.update(collect_moe_metrics(model, ctx))
+            metrics["loss"] = metrics["lm_loss"] + weighted_aux_total(model, metrics)
+            metrics.update(
+                lr=lr,
+                grad_norm=float(grad_norm),
+                tokens_per_s=window_tokens / max(elapsed, 1e-9),
+                group_aux_active=step >= group_aux_start,
+            )
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or last):
+                metrics["val_loss"] = evaluate(model, data, cfg, device, amp, ctx)
+                result.val_losses.append((step + 1, metrics["val_loss"]))
+            logger.log(metrics, status=status_line(step + 1, t.steps, metrics))
+            window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    logger.close()
+    return result
