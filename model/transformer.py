@@ -1,8 +1,9 @@
 """The decoder: embedding -> blocks (attention + dense FFN or MoHGE) -> norm -> output head.
 
 Built on `meta`, moved with `to_empty`, then `init_weights(seed)`: every parameter's initial value
-is drawn from a generator seeded by (seed, parameter name) on its full shape, so any parallel
-layout that keeps parameter names starts from the same weights. Pipeline stages delete the
+is drawn from a generator seeded by (seed, parameter name) on its full shape, and each process
+keeps its part of it, so any parallel layout that keeps parameter names starts from the same
+weights. Pipeline stages delete the
 modules they do not run (the embedding, some blocks, the head) and keep the names of the rest.
 """
 
@@ -69,13 +70,29 @@ class Transformer(nn.Module):
         device = next(self.parameters()).device
         self.rope = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device=device)
         with torch.no_grad():
-            for name, param in self.named_parameters():
-                full = initial_value(name, full_shape(param), self.cfg, seed)
-                copy_local(param, full)
+            for name, module, param in _named_params_with_owner(self):
+                rows = getattr(module, "expert_rows", None)
+                full = initial_value(name, full_shape(module, param), self.cfg, seed)
+                copy_local(param, full if rows is None else full[rows])
 
     def num_params(self) -> int:
-        """Distinct parameters (a tied head counted once), as ModelConfig.num_params() counts them."""
-        return sum(full_numel(p) for p in self.parameters())
+        """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
+        when this process holds only a part (expert or tensor shards)."""
+        return sum(math.prod(full_shape(module, p)) for _, module, p in _named_params_with_owner(self))
+
+
+def _named_params_with_owner(model: nn.Module):
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            yield (f"{mod_name}.{p_name}" if mod_name else p_name), module, param
+
+
+def full_shape(module: nn.Module, param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter: expert parallel keeps `expert_rows` of a group's experts on
+    the module (`full_num_experts` in all); a DTensor knows its global shape."""
+    if getattr(module, "expert_rows", None) is not None:
+        return (module.full_num_experts, *param.shape[1:])
+    return tuple(param.shape)
 
 
 def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
@@ -89,27 +106,12 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int
     return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 
-# Parallel wrappers that shard a parameter record how to find its full shape and local part:
-# DTensors carry it themselves; expert parallel stores `_mohge_full_shape` / `_mohge_rows`.
-def full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(param, "_mohge_full_shape", param.shape))
-
-
-def full_numel(param: torch.Tensor) -> int:
-    return math.prod(full_shape(param))
-
-
 def copy_local(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copies this process's part of `full` into `param` (plain, expert-sliced or DTensor)."""
-    rows = getattr(param, "_mohge_rows", None)
-    if rows is not None:
-        full = full[rows]
+    """Copies this process's part of `full` into `param` (a plain tensor or a DTensor)."""
     if hasattr(param, "device_mesh"):  # DTensor: distribute the full value with its placements
         from torch.distributed.tensor import distribute_tensor
 
         full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
-        param.copy_(full)
-        return
     param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
