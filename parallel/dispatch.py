@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mohge.model.moe.dispatch import kept_slots, scatter_back
 from mohge.parallel.comm import all_to_all_single
 
 
 @dataclass
 class AllToAllHandle:
-    send_order_S: torch.Tensor  # sent row i is flattened (token, slot) send_order_S[i]
+    rows_S: torch.Tensor  # sent row i is flattened (token, slot) rows_S[i]
     local_order_Q: torch.Tensor  # local row j is received row local_order_Q[j]
     send_splits: list[int]
     recv_splits: list[int]
@@ -47,12 +48,13 @@ class AllToAllDispatcher:
         return self._key_cache[device]
 
     # ---- dispatch ----------------------------------------------------------------------
-    def preprocess(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
-        T, K = expert_idx_TK.shape
-        key_S = self._keys(x_TD.device)[expert_idx_TK.flatten()]
-        send_order_S = torch.argsort(key_S, stable=True)
+    def preprocess(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None = None):
+        K = expert_idx_TK.shape[1]
+        slots = kept_slots(expert_idx_TK, keep_TK)
+        key_S = self._keys(x_TD.device)[expert_idx_TK.flatten()[slots]]
+        rows_S = slots[torch.argsort(key_S, stable=True)]
         counts_RL = torch.bincount(key_S, minlength=self.ep_size * self.max_local).view(self.ep_size, self.max_local)
-        return x_TD[send_order_S // K], send_order_S, counts_RL
+        return x_TD[rows_S // K], rows_S, counts_RL
 
     def communicate_counts(self, counts_RL: torch.Tensor) -> torch.Tensor:
         """counts_RL[r, l]: rows for rank r's local expert l -> recv_RL[r, l]: rows from rank r."""
@@ -68,15 +70,15 @@ class AllToAllDispatcher:
         tokens_per_local_expert = recv_RL.sum(0)[:local]
         return local_order_Q, tokens_per_local_expert
 
-    def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
+    def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None = None):
         """-> (rows for this rank's experts sorted by local expert, tokens per local expert, handle)."""
-        x_send, send_order_S, counts_RL = self.preprocess(x_TD, expert_idx_TK)
+        x_send, rows_S, counts_RL = self.preprocess(x_TD, expert_idx_TK, keep_TK)
         recv_RL = self.communicate_counts(counts_RL)
         send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
         x_recv = all_to_all_single(x_send, send_splits, recv_splits, self.group)
         local_order_Q, tokens_per_local_expert = self.postprocess(recv_RL)
         handle = AllToAllHandle(
-            send_order_S, local_order_Q, send_splits, recv_splits, expert_idx_TK.shape[0], expert_idx_TK.shape[1]
+            rows_S, local_order_Q, send_splits, recv_splits, expert_idx_TK.shape[0], expert_idx_TK.shape[1]
         )
         return x_recv[local_order_Q], tokens_per_local_expert, handle
 
@@ -86,6 +88,4 @@ class AllToAllDispatcher:
         y_recv = torch.empty_like(y_local)
         y_recv[handle.local_order_Q] = y_local
         y_send = all_to_all_single(y_recv, handle.recv_splits, handle.send_splits, self.group)
-        y_flat = torch.empty_like(y_send)
-        y_flat[handle.send_order_S] = y_send
-        return y_flat.view(handle.num_tokens, handle.top_k, -1)
+        return scatter_back(y_send, handle.rows_S, handle.num_tokens, handle.top_k)

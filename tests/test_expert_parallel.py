@@ -39,6 +39,7 @@ def _reference(moe, world):
 
 
 def _ep_rank(rank, world, moe, allocation):
+    """EP layer on this rank with the reference's weights: its output, grads and expert rows."""
     from mohge.parallel.dims import ParallelDims
     from mohge.parallel.expert_parallel import apply_expert_parallel
     from mohge.parallel.parallelize import ParallelContext, sync_gradients
@@ -76,10 +77,15 @@ def _ep_rank(rank, world, moe, allocation):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("allocation", ["all_size", "group_coupled"])
-def test_ep_matches_single_process(world, allocation):
-    moe = make_moe(top_k=3, k_group=2)
+@pytest.mark.parametrize(
+    "world, allocation, capacity",
+    [(2, "all_size", None), (4, "all_size", None), (2, "group_coupled", None), (4, "group_coupled", None),
+     (4, "all_size", 0.75)],
+)
+def test_ep_matches_single_process(world, allocation, capacity):
+    """Dropless, and with a capacity factor: tokens are dropped on the sending rank, in token
+    order, so EP drops exactly the slots the one-process layer drops for the same tokens."""
+    moe = make_moe(top_k=3, k_group=2, capacity_factor=capacity)
     ref_outs, ref_grads = _reference(moe, world)
     results = run_ranks(world, _ep_rank, moe, allocation)
     for rank, (out, grads, rows) in enumerate(results):

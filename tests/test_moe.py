@@ -199,3 +199,32 @@ def test_routing_stats_record_and_suspend():
     assert stats["tokens_per_expert"].sum() == 8 * moe.top_k
     assert stats["group_tokens"].sum() == 8 * moe.k_group
     assert layer.stats.pop()["forwards"] == 0
+
+
+def test_capacity_drops_the_later_tokens_of_a_full_expert():
+    from mohge.model.moe.router import capacity_keep
+
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0]])  # expert 0 is wanted 4 times
+    keep = capacity_keep(idx, num_experts=4, capacity_factor=1.0)  # capacity ceil(8/4) = 2
+    expected = torch.tensor([[True, True], [True, True], [False, True], [True, False]])
+    assert torch.equal(keep, expected)
+
+
+def test_capacity_layer_output_excludes_dropped_slots():
+    moe, dropless = _layer(seed=9)
+    _, capped = _layer(seed=9, capacity_factor=0.5)
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(10))
+    routing = dropless.router(x.reshape(-1, D))
+    from mohge.model.moe.router import capacity_keep
+
+    keep = capacity_keep(routing.expert_idx_TK, moe.num_experts, 0.5)
+    assert (~keep).any() and keep.any()
+    # Reference: the dropless layer's per-slot outputs with the dropped slots zeroed.
+    x_disp, counts, handle = dropless.dispatcher.dispatch(x.reshape(-1, D), routing.expert_idx_TK)
+    y_TKD = dropless.dispatcher.combine(dropless.experts(x_disp, counts), handle)
+    y_TKD = y_TKD * keep.unsqueeze(-1)
+    expected = (y_TKD * routing.weights_TK.unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(capped(x).reshape(-1, D), expected)
+    stats = capped.stats.pop()
+    assert stats["dropped_slots"] == float((~keep).sum())
+    assert stats["tokens_per_expert"].sum() == float(keep.sum())

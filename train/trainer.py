@@ -102,11 +102,12 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
         stats = layer.stats.pop()
         if not stats["forwards"]:
             continue
-        tokens_per_expert = stats["tokens_per_expert"]
+        counts = torch.cat([stats["tokens_per_expert"], torch.tensor([stats.get("dropped_slots", 0.0)]).double()])
         if ctx.distributed and ctx.dims.dp > 1:
-            tokens_per_expert = tokens_per_expert.to(next(model.parameters()).device)
-            dist.all_reduce(tokens_per_expert, group=ctx.group("dp"))
-            tokens_per_expert = tokens_per_expert.cpu()
+            counts = counts.to(next(model.parameters()).device)
+            dist.all_reduce(counts, group=ctx.group("dp"))
+            counts = counts.cpu()
+        tokens_per_expert, dropped = counts[:-1], float(counts[-1])
         offsets = layer.cfg.group_offsets()
         slots = float(tokens_per_expert.sum()) or 1.0
         group_slots = [float(tokens_per_expert[offsets[g] : offsets[g + 1]].sum()) for g in range(len(offsets) - 1)]
@@ -115,6 +116,8 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
             "expert_load": [float(c) / slots for c in tokens_per_expert],
             **{k: stats[k] for k in totals},
         }
+        if layer.cfg.capacity_factor is not None:
+            entry["dropped_fraction"] = dropped / (dropped + slots)
         placement = getattr(layer, "placement", None)
         if placement is not None:
             from mohge.parallel.allocation import rank_flops
@@ -177,20 +180,16 @@ def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: 
     return float(value[0] / value[1].clamp_min(1))
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Runs `cfg.train.steps` optimizer steps and returns the loss history."""
+def build_data_source(cfg: RunConfig, ctx: ParallelContext):
+    """The configured token source, reading only this data-parallel rank's share."""
+    t = cfg.train
+    if cfg.data.source == "synthetic":
+        from mohge.data.synthetic import SyntheticData
+
+        return SyntheticData(cfg.model.vocab_size, t.seq_len, t.micro_batch_size, t.seed, ctx.dp_rank, ctx.dims.dp)
     from mohge.data.loader import build_data
 
-    cfg.validate()
-    ctx, device = init_distributed(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = build_parallel_model(cfg, ctx, device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.train, device)
-    amp = autocast_dtype(cfg.train.precision, device)
-    t = cfg.train
-    n_micro = cfg.grad_accum_steps
-    data = build_data(
+    return build_data(
         cfg.data,
         seq_len=t.seq_len,
         micro_batch_size=t.micro_batch_size,
@@ -202,6 +201,20 @@ def train(cfg: RunConfig) -> TrainResult:
         train_samples=t.steps * t.global_batch_size,
         valid_samples=max(t.eval_iters, 1) * t.micro_batch_size * ctx.dims.dp,
     )
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Runs `cfg.train.steps` optimizer steps and returns the loss history."""
+    cfg.validate()
+    ctx, device = init_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_parallel_model(cfg, ctx, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.train, device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    t = cfg.train
+    n_micro = cfg.grad_accum_steps
+    data = build_data_source(cfg, ctx)
     logger = MetricsLogger(
         cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=ctx.is_log_rank
     )
@@ -267,15 +280,22 @@ def train(cfg: RunConfig) -> TrainResult:
         last = step + 1 == t.steps
         if (step + 1) % t.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
-            metrics = {"step": step + 1, "lm_loss": window_loss / window_steps}
-            metrics.update(collect_moe_metrics(model, ctx))
-            metrics["loss"] = metrics["lm_loss"] + weighted_aux_total(model, metrics)
-            metrics.update(
-                lr=lr,
-                grad_norm=float(grad_norm),
-                tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                group_aux_active=step >= group_aux_start,
-            )
+            moe = collect_moe_metrics(model, ctx)
+            lm = window_loss / window_steps
+            metrics = {
+                "step": step + 1,
+                "loss": lm + weighted_aux_total(model, moe),
+                "lm_loss": lm,
+                "group_aux_loss": moe["group_aux_loss"],
+                "intra_group_aux_loss": moe["intra_group_aux_loss"],
+                "z_loss": moe["z_loss"],
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "skipped_steps": result.skipped_steps,
+                "group_aux_active": step >= group_aux_start,
+                "moe": moe["moe"],
+            }
             if t.eval_every and ((step + 1) % t.eval_every == 0 or last):
                 metrics["val_loss"] = evaluate(model, data, cfg, device, amp, ctx)
                 result.val_losses.append((step + 1, metrics["val_loss"]))

@@ -16,7 +16,7 @@ from mohge.model.layers import FeedForward
 from mohge.model.moe.dispatch import LocalDispatcher
 from mohge.model.moe.experts import RoutedExperts
 from mohge.model.moe.losses import attach_aux_loss, group_aux_loss, intra_group_aux_loss, router_z_loss
-from mohge.model.moe.router import GroupRouter, Routing
+from mohge.model.moe.router import GroupRouter, Routing, capacity_keep
 
 
 class RoutingStats:
@@ -41,10 +41,14 @@ class RoutingStats:
         value = value.detach().double()
         self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    def record(self, routing: Routing, losses: dict[str, torch.Tensor]) -> None:
+    def record(self, routing: Routing, losses: dict[str, torch.Tensor], keep_TK: torch.Tensor | None = None) -> None:
         if not self.recording:
             return
-        self._add("tokens_per_expert", torch.bincount(routing.expert_idx_TK.flatten(), minlength=self.num_experts))
+        served = routing.expert_idx_TK.flatten()
+        if keep_TK is not None:
+            served = served[keep_TK.flatten()]
+            self._add("dropped_slots", (~keep_TK).sum())
+        self._add("tokens_per_expert", torch.bincount(served, minlength=self.num_experts))
         self._add("group_tokens", routing.group_mask_TG.sum(0))
         for name, value in losses.items():
             self._add(name, value)
@@ -54,13 +58,17 @@ class RoutingStats:
     def pop(self) -> dict:
         """Totals since the last pop (loss values averaged per forward, counts summed), then reset.
 
-        Keys: tokens, forwards, tokens_per_expert [E], group_tokens [G], and one per loss.
+        Keys: tokens, forwards, tokens_per_expert [E] (slots served), group_tokens [G], one per
+        loss, and dropped_slots with a capacity factor.
         """
         n = max(self.forwards, 1)
         out: dict = {"tokens": self.tokens, "forwards": self.forwards}
         for name, value in self.sums.items():
             value = value.cpu()
-            out[name] = value if value.dim() else float(value) / n
+            if value.dim():
+                out[name] = value
+            else:  # losses are averaged per forward, counts summed
+                out[name] = float(value) if name == "dropped_slots" else float(value) / n
         self.reset()
         return out
 
@@ -90,8 +98,11 @@ class MoHGELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
+        keep_TK = None
+        if self.cfg.capacity_factor is not None:
+            keep_TK = capacity_keep(routing.expert_idx_TK, self.cfg.num_experts, self.cfg.capacity_factor)
 
-        x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK)
+        x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK, keep_TK)
         y_disp = self.experts(x_disp, tokens_per_expert)
         y_TKD = self.dispatcher.combine(y_disp, handle)
         out_TD = (y_TKD * routing.weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
@@ -99,7 +110,7 @@ class MoHGELayer(nn.Module):
             out_TD = out_TD + self.shared(x_TD)
 
         losses = self.aux_losses(routing)
-        self.stats.record(routing, losses)
+        self.stats.record(routing, losses, keep_TK)
         if self.training:
             out_TD = attach_aux_loss(out_TD, self.weighted_aux_loss(losses))
         return out_TD.view(B, S, D)

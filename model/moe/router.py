@@ -11,6 +11,7 @@ inside each kept group ("per_group"). Everything runs in fp32.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -111,3 +112,21 @@ class GroupRouter(nn.Module):
             expert_logits_TE=expert_logits_TE,
             aux_scores_TE=aux_scores_TE,
         )
+
+
+def capacity_keep(expert_idx_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """Which (token, slot) pairs fit their expert's capacity ceil(cf * T*K / E) -> bool [T, K].
+
+    Slots are served in token order (then slot order), as in Switch Transformer: when an expert
+    is full, later tokens' slots for it are dropped and those tokens keep only their residual
+    path and their other experts.
+    """
+    T, K = expert_idx_TK.shape
+    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    flat_S = expert_idx_TK.flatten()
+    order_S = torch.argsort(flat_S, stable=True)
+    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
+    position_S = torch.empty_like(flat_S)
+    position_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[flat_S[order_S]]
+    return (position_S < capacity).view(T, K)
