@@ -73,6 +73,9 @@ def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
     """Averages gradients over data-parallel ranks so each equals the single-process gradient of
     the whole global batch: dense grads summed over dp, expert grads over the expert replicas
     (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp."""
+    for param in model.parameters():
+        if param.grad is None:  # e.g. experts that received no token: every rank must send alike
+            param.grad = torch.zeros_like(param)
     if not ctx.distributed or ctx.dims.dp == 1:
         return
     dense = [p.grad for n, p in model.named_parameters() if p.grad is not None and not is_expert_param(n)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -26,7 +27,9 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, fn(rank, world, *args), None))
+        # Plain pickle bytes: tensors sent through the queue as shared memory would vanish when
+        # this process exits before the parent reads them.
+        queue.put((rank, pickle.dumps(fn(rank, world, *args)), None))
     except BaseException:  # report to the parent instead of hanging it
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -46,7 +49,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
     try:
         for _ in range(world):
             rank, value, err = queue.get(timeout=timeout)
-            results[rank] = value
+            results[rank] = pickle.loads(value) if value is not None else None
             if err:
                 errors.append(f"rank {rank}:\n{err}")
                 break

@@ -25,7 +25,9 @@ def _inputs(rank: int):
 
 
 def _reference(moe, world):
-    """Every rank's tokens through the one-process layer; grads as the mean of per-rank losses."""
+    """Every rank's tokens through the one-process layer, as micro-batches of one step: backward
+    each, then divide the gradients by their number (as the trainer does; it scales the attached
+    auxiliary losses' gradients too)."""
     layer = _build_reference(moe)
     outs = []
     total = 0.0
@@ -33,9 +35,9 @@ def _reference(moe, world):
         x, g = _inputs(rank)
         out = layer(x)
         outs.append(out.detach())
-        total = total + (out * g).sum() / world
+        total = total + (out * g).sum()
     total.backward()
-    return outs, {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return outs, {n: p.grad / world for n, p in layer.named_parameters()}
 
 
 def _ep_rank(rank, world, moe, allocation):
@@ -68,7 +70,7 @@ def _ep_rank(rank, world, moe, allocation):
     x, g = _inputs(rank)
     out = layer(x)
     (out * g).sum().backward()
-    sync_gradients(holder, ctx)
+    sync_gradients(holder, ctx)  # also gives unused parameters (no local experts) zero grads
     rows = {
         name: getattr(layer.get_submodule(name.rsplit(".", 1)[0]), "expert_rows", None)
         for name, _ in layer.named_parameters()
