@@ -1,0 +1,61 @@
+"""mohge-train under torchrun on CPU (gloo): parallel layouts give the single-process losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from distributed import free_port
+
+BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_every=0", "logging.progress=false", "train.log_every=1"]
+
+
+def _run(out_dir, nproc: int, *overrides) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("ref"), 1)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.dp_shard=2"],
+        ["parallel.dp_shard=2", "parallel.ep=2"],
+        ["parallel.dp_shard=2", "parallel.ep=2", "model.moe.allocation=group_coupled"],
+    ],
+    ids=["dp2", "ep2", "ep2-coupled"],
+)
+def test_layout_matches_single_process(tmp_path, reference, layout):
+    lines = _run(tmp_path, 2, *layout)
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
+    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
+    layer = lines[0]["moe"]["layers.0.ffn"]
+    ref_layer = reference[0]["moe"]["layers.0.ffn"]
+    assert layer["expert_load"] == pytest.approx(ref_layer["expert_load"])  # counts summed over dp
+    if "parallel.ep=2" in layout:
+        assert len(layer["ep_rank_tokens"]) == 2 and layer["ep_flop_imbalance"] >= 1.0
+
+
+def test_bad_layout_fails_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mohge.train.cli", *BASE, f"out_dir={tmp_path}", "parallel.ep=2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "parallel.ep: 2 must divide the data-parallel degree" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
