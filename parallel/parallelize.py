@@ -45,6 +45,8 @@ class ParallelContext:
         """Process group of one named dimension ('dp' flattens dp_replicate x dp_shard)."""
         if not self.distributed:
             return None
+        if name == "world":
+            return dist.group.WORLD
         if name in ("ep", "edp"):
             return self.expert_mesh.get_group(name)
         if name == "dp":

@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_model(cfg))
         return 0
+    from mohge.train.checkpoint import CheckpointError
     from mohge.train.trainer import train
 
     try:
         train(cfg)
     except ConfigError as err:
         print(f"mohge-train: config error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        print(f"mohge-train: checkpoint error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,9 +21,11 @@ from mohge.model.moe.layer import moe_layers, recording_suspended, set_group_aux
 from mohge.model.transformer import build_model
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, sync_gradients
+from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.metrics import MetricsLogger
 from mohge.train.optim import build_optimizer, lr_at, set_lr
+from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 
 
 @dataclass
@@ -203,103 +205,159 @@ def build_data_source(cfg: RunConfig, ctx: ParallelContext):
     )
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Runs `cfg.train.steps` optimizer steps and returns the loss history."""
-    cfg.validate()
-    ctx, device = init_distributed(cfg)
-    torch.manual_seed(cfg.train.seed)
-    model = build_parallel_model(cfg, ctx, device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.train, device)
-    amp = autocast_dtype(cfg.train.precision, device)
-    t = cfg.train
-    n_micro = cfg.grad_accum_steps
-    data = build_data_source(cfg, ctx)
-    logger = MetricsLogger(
-        cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=ctx.is_log_rank
-    )
-    if ctx.is_log_rank:
-        n_params = cfg.model.num_params()
-        print(
-            f"mohge: {n_params / 1e6:.2f}M params, {cfg.model.active_params_per_token() / 1e6:.2f}M active/token, "
-            f"world {ctx.dims.world_size} (dp {ctx.dims.dp}, ep {ctx.dims.ep}, tp {ctx.dims.tp}, pp {ctx.dims.pp}), "
-            f"device {device}, {n_micro} micro-batch(es)/step",
-            flush=True,
+class Trainer:
+    """Owns the run's state (model, optimizer, data, step) and runs optimizer steps."""
+
+    def __init__(self, cfg: RunConfig):
+        cfg.validate()
+        self.cfg, t = cfg, cfg.train
+        self.ctx, self.device = init_distributed(cfg)
+        torch.manual_seed(t.seed)
+        self.model = build_parallel_model(cfg, self.ctx, self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.amp = autocast_dtype(t.precision, self.device)
+        self.n_micro = cfg.grad_accum_steps
+        self.data = build_data_source(cfg, self.ctx)
+        self.step = 0
+        self.result = TrainResult(steps=t.steps)
+        self.bad_streak = 0
+        self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
+        resume = resolve_resume(cfg.checkpoint.resume, cfg.out_dir)
+        if resume is not None:
+            meta = load_checkpoint(resume, self.model, self.optimizer, cfg)
+            self.step = int(meta["step"])
+            self.data.load_state_dict(meta["data"])
+            self._print(f"resumed from {resume} at step {self.step}")
+        self.logger = MetricsLogger(cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=self.ctx.is_log_rank)
+        self.logger.advance(self.step)
+        d = self.ctx.dims
+        self._print(
+            f"mohge: {cfg.model.num_params() / 1e6:.2f}M params, "
+            f"{cfg.model.active_params_per_token() / 1e6:.2f}M active/token, world {d.world_size} "
+            f"(dp {d.dp}, ep {d.ep}, tp {d.tp}, pp {d.pp}), device {self.device}, {self.n_micro} micro-batch(es)/step"
         )
 
-    result = TrainResult(steps=t.steps)
-    group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
-    tokens_per_step = t.global_batch_size * t.seq_len
-    window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    bad_streak = 0
-    for step in range(t.steps):
-        set_group_aux_active(model, step >= group_aux_start)
-        lr = lr_at(step, t)
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        for _ in range(n_micro):
-            tokens, labels = data.next_train_batch()
-            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = lm_loss(model(tokens), labels)
+    def _print(self, message: str) -> None:
+        if self.ctx.is_log_rank:
+            print(message, flush=True)
+
+    # ---- one step ----------------------------------------------------------------------
+    def forward_backward(self) -> float:
+        """All micro-batches of one step; returns the mean LM loss of this rank."""
+        total = 0.0
+        for _ in range(self.n_micro):
+            tokens, labels = self.data.next_train_batch()
+            tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss = lm_loss(self.model(tokens), labels)
             loss.backward()
-            step_loss += float(loss.detach()) / n_micro
-        for param in model.parameters():
+            total += float(loss.detach()) / self.n_micro
+        return total
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
+        t = self.cfg.train
+        for param in self.model.parameters():
             if param.grad is not None:
-                param.grad.div_(n_micro)
-        sync_gradients(model, ctx)
-        grad_norm = global_grad_norm(model, ctx)
+                param.grad.div_(self.n_micro)
+        sync_gradients(self.model, self.ctx)
+        grad_norm = global_grad_norm(self.model, self.ctx)
         if torch.isfinite(grad_norm):
-            bad_streak = 0
+            self.bad_streak = 0
             if t.grad_clip > 0:
                 clip = (t.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-                for param in model.parameters():
+                for param in self.model.parameters():
                     if param.grad is not None:
                         param.grad.mul_(clip.to(param.grad.dtype))
-            optimizer.step()
-        else:  # a non-finite gradient anywhere skips the update on every rank (the norm is global)
-            bad_streak += 1
-            result.skipped_steps += 1
-            if bad_streak >= t.max_bad_steps:
+            self.optimizer.step()
+        else:  # the norm is global, so every rank skips together
+            self.bad_streak += 1
+            self.result.skipped_steps += 1
+            self._print(f"step {self.step + 1}: non-finite gradient norm, update skipped")
+            if self.bad_streak >= t.max_bad_steps:
                 raise RuntimeError(
-                    f"step {step + 1}: {bad_streak} consecutive steps with a non-finite loss or gradient "
-                    f"norm (train.max_bad_steps={t.max_bad_steps}); stopping. Lower train.lr or inspect the data."
+                    f"step {self.step + 1}: {self.bad_streak} consecutive steps with a non-finite loss or "
+                    f"gradient norm (train.max_bad_steps={t.max_bad_steps}); stopping with the last good "
+                    "checkpoint untouched. Lower train.lr or inspect the data."
                 )
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-        if ctx.distributed and ctx.dims.dp > 1:
-            reduced = torch.tensor(step_loss, dtype=torch.float64, device=device)
-            dist.all_reduce(reduced, group=ctx.group("dp"))
-            step_loss = float(reduced) / ctx.dims.dp
-        result.losses.append(step_loss)
-        window_tokens += tokens_per_step
-        window_loss += step_loss
-        window_steps += 1
-        logger.advance()
+    def train_step(self) -> tuple[float, torch.Tensor, float]:
+        set_group_aux_active(self.model, self.step >= self.group_aux_start)
+        lr = lr_at(self.step, self.cfg.train)
+        set_lr(self.optimizer, lr)
+        loss = self.forward_backward()
+        grad_norm = self.optimizer_step()
+        if self.ctx.distributed and self.ctx.dims.dp > 1:
+            reduced = torch.tensor(loss, dtype=torch.float64, device=self.device)
+            dist.all_reduce(reduced, group=self.ctx.group("dp"))
+            loss = float(reduced) / self.ctx.dims.dp
+        self.step += 1
+        return loss, grad_norm, lr
 
-        last = step + 1 == t.steps
-        if (step + 1) % t.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            moe = collect_moe_metrics(model, ctx)
-            lm = window_loss / window_steps
-            metrics = {
-                "step": step + 1,
-                "loss": lm + weighted_aux_total(model, moe),
-                "lm_loss": lm,
-                "group_aux_loss": moe["group_aux_loss"],
-                "intra_group_aux_loss": moe["intra_group_aux_loss"],
-                "z_loss": moe["z_loss"],
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                "skipped_steps": result.skipped_steps,
-                "group_aux_active": step >= group_aux_start,
-                "moe": moe["moe"],
-            }
-            if t.eval_every and ((step + 1) % t.eval_every == 0 or last):
-                metrics["val_loss"] = evaluate(model, data, cfg, device, amp, ctx)
-                result.val_losses.append((step + 1, metrics["val_loss"]))
-            logger.log(metrics, status=status_line(step + 1, t.steps, metrics))
-            window_start, window_tokens, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-    logger.close()
-    return result
+    # ---- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        path = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
+                               self.cfg, keep=c.keep)
+        self._print(f"saved checkpoint {path}")
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        tokens_per_step = t.global_batch_size * t.seq_len
+        window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
+        with PreemptionHandler() as preemption:
+            while self.step < t.steps:
+                loss, grad_norm, lr = self.train_step()
+                self.result.losses.append(loss)
+                window["tokens"] += tokens_per_step
+                window["loss"] += loss
+                window["steps"] += 1
+                self.logger.advance()
+                last = self.step == t.steps
+                if self.step % t.log_every == 0 or last:
+                    self.log(window, grad_norm, lr, last)
+                    window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
+                if (c.every and self.step % c.every == 0) or (last and c.save_final):
+                    self.save()
+                if not last and preemption.should_stop(self.ctx.group("world"), self.device):
+                    if not (c.every and self.step % c.every == 0):
+                        self.save()
+                    self._print(f"stopping at step {self.step} on {preemption.signal_name}: "
+                                f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
+                    self.logger.close()
+                    raise SystemExit(REQUEUE_EXIT_CODE)
+        self.logger.close()
+        return self.result
+
+    def log(self, window: dict, grad_norm: torch.Tensor, lr: float, last: bool) -> None:
+        t = self.cfg.train
+        elapsed = time.perf_counter() - window["start"]
+        moe = collect_moe_metrics(self.model, self.ctx)
+        lm = window["loss"] / window["steps"]
+        metrics = {
+            "step": self.step,
+            "loss": lm + weighted_aux_total(self.model, moe),
+            "lm_loss": lm,
+            "group_aux_loss": moe["group_aux_loss"],
+            "intra_group_aux_loss": moe["intra_group_aux_loss"],
+            "z_loss": moe["z_loss"],
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            "skipped_steps": self.result.skipped_steps,
+            "group_aux_active": self.step - 1 >= self.group_aux_start,
+            "moe": moe["moe"],
+        }
+        if t.eval_every and (self.step % t.eval_every == 0 or last):
+            metrics["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.amp, self.ctx)
+            self.result.val_losses.append((self.step, metrics["val_loss"]))
+        self.logger.log(metrics, status=status_line(self.step, t.steps, metrics))
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Runs (or resumes) training to `cfg.train.steps` and returns the loss history."""
+    return Trainer(cfg).run()

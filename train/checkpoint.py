@@ -1,0 +1,254 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): save, keep the last K, resume.
+
+Layout of `<out_dir>/checkpoints/`:
+    step_00000100/            one checkpoint: DCP shards + .metadata, meta.json, rng/rank<r>.pt
+    latest                    name of the newest complete checkpoint (written last)
+
+A checkpoint is written into `step_N.partial-<pid>` and renamed when every rank has finished,
+then `latest` is replaced atomically: a crash mid-save leaves the previous checkpoint and pointer
+intact, and a `.partial` directory is never loaded.
+
+Expert weights and their optimizer states are stored one expert per key
+(`...experts.groups.1.w1/expert/5`), so a checkpoint loads under any expert-parallel size and
+placement; dense and DTensor parameters are stored by name and DCP reshards them across data,
+tensor and pipeline layouts. Pipeline stages save and load only the modules they hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from mohge.model.config import ConfigError
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+META = "meta.json"
+# Fields of the model config that may change between save and resume (layout, not architecture).
+LAYOUT_FIELDS = {"expert_compute", "allocation", "capacity_factor", "group_aux_coeff", "intra_aux_coeff",
+                 "z_loss_coeff", "group_aux_start_fraction", "max_seq_len"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process when torch.distributed is not initialised."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---- what goes into a checkpoint ---------------------------------------------------------
+def _owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            yield (f"{mod_name}.{p_name}" if mod_name else p_name), module, p_name, param
+
+
+def _split(name: str, module: nn.Module, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor's checkpoint entries: per expert row for expert weights, else itself."""
+    rows = getattr(module, "expert_rows", None)
+    if rows is None and not (tensor.dim() == 3 and ".experts." in name):
+        return {name: tensor}
+    rows = rows if rows is not None else range(tensor.shape[0])
+    return {f"{name}/expert/{r}": tensor[i] for i, r in enumerate(rows)}
+
+
+def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> views of this process's parameters (loading writes through them)."""
+    entries: dict[str, torch.Tensor] = {}
+    for name, module, _, param in _owners(model):
+        entries.update(_split(name, module, param.data))
+    return entries
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW creates its state lazily; create it (zeros, step 0) so it can be loaded into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_entries(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    ensure_optimizer_state(optimizer)
+    entries: dict[str, torch.Tensor] = {}
+    for name, module, _, param in _owners(model):
+        state = optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            entries.update(_split(f"optim/{key}/{name}", module, state[key]))
+        entries[f"optim/step/{name}"] = state["step"]
+    return entries
+
+
+# ---- paths --------------------------------------------------------------------------------
+def checkpoint_root(out_dir: str) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_dir(out_dir: str, step: int) -> Path:
+    return checkpoint_root(out_dir) / f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
+
+
+def find_latest(out_dir: str) -> Optional[Path]:
+    """The newest complete checkpoint: the `latest` pointer, else the highest complete step dir."""
+    root = checkpoint_root(out_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if is_complete(p)) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+# ---- save ---------------------------------------------------------------------------------
+def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_state: dict, run_config,
+                    keep: int = 2, extra: Optional[dict] = None) -> Path:
+    """Writes step `step` atomically (all ranks call this), then prunes to the last `keep`."""
+    root = checkpoint_root(out_dir)
+    final = step_dir(out_dir, step)
+    partial = root / f"{final.name}.partial"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    state = {**model_entries(model), **optimizer_entries(model, optimizer)}
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(partial))
+    (partial / "rng").mkdir(exist_ok=True)
+    torch.save({"cpu": torch.get_rng_state()}, partial / "rng" / f"rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "data": data_state,
+            "model": asdict(run_config.model),
+            "parallel": asdict(run_config.parallel),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "saved_at": time.time(),
+            **(extra or {}),
+        }
+        (partial / META).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = root / f"{LATEST}.tmp"
+        tmp.write_text(final.name)
+        os.replace(tmp, root / LATEST)  # the pointer moves last
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.partial"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- load ---------------------------------------------------------------------------------
+def resolve_resume(setting: Optional[str], out_dir: str) -> Optional[Path]:
+    """`checkpoint.resume`: None -> fresh start; "auto" -> latest complete one in out_dir, if any;
+    a path -> that checkpoint, which must be complete."""
+    if setting in (None, "", "none"):
+        return None
+    if setting == "auto":
+        return find_latest(out_dir)
+    path = Path(setting)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = find_latest(str(path))
+        if found is None:
+            raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint under {path}/checkpoints")
+        return found
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={setting}: {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"checkpoint.resume={setting}: {path} is incomplete (no {META} or .metadata; a save was "
+            "interrupted). Resume from an earlier step or use checkpoint.resume=auto"
+        )
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / META}: unreadable ({err}); the checkpoint is damaged") from err
+
+
+def check_compatible(meta: dict, run_config, path: Path) -> None:
+    """Same architecture (layout may differ); names every differing field."""
+    saved, now = meta["model"], asdict(run_config.model)
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key == "moe":
+            for sub in sorted(set(saved["moe"]) | set(now["moe"])):
+                if sub not in LAYOUT_FIELDS and saved["moe"].get(sub) != now["moe"].get(sub):
+                    diffs.append(f"model.moe.{sub}: checkpoint {saved['moe'].get(sub)} vs config {now['moe'].get(sub)}")
+        elif key not in LAYOUT_FIELDS and saved.get(key) != now.get(key):
+            diffs.append(f"model.{key}: checkpoint {saved.get(key)} vs config {now.get(key)}")
+    if diffs:
+        raise CheckpointError(f"{path}: checkpoint does not match the model config:\n  " + "\n  ".join(diffs))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict:
+    """Loads weights, optimizer state and this rank's RNG state in place; returns meta.json."""
+    meta = read_meta(path)
+    check_compatible(meta, run_config, path)
+    state = model_entries(model)
+    if optimizer is not None:
+        state.update(optimizer_entries(model, optimizer))
+    available = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = sorted(set(state) - set(available))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
+    # Views were filled in place, except 0-d step tensors which DCP may replace: copy them back.
+    if optimizer is not None:
+        for name, module, _, param in _owners(model):
+            optimizer.state[param]["step"].copy_(state[f"optim/step/{name}"])
+    rng = path / "rng" / f"rank{_rank()}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+    return meta
