@@ -59,3 +59,25 @@ def test_bad_layout_fails_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "parallel.ep: 2 must divide the data-parallel degree" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "save_layout, resume_nproc, resume_layout",
+    [
+        (["parallel.dp_shard=2", "parallel.ep=2"], 1, []),
+        (["parallel.dp_shard=2", "parallel.ep=2"], 2, ["parallel.dp_shard=2", "parallel.ep=2",
+                                                        "model.moe.allocation=group_coupled"]),
+        ([], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+    ],
+    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2"],
+)
+def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
+    """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""
+    nproc = 2 if save_layout else 1
+    _run(tmp_path, nproc, *save_layout, "train.steps=2",
+         "checkpoint.every=2", "train.lr_decay_steps=4")
+    lines = _run(tmp_path, resume_nproc, *resume_layout, "checkpoint.resume=auto")
+    resumed = [l["lm_loss"] for l in lines]
+    assert len(resumed) == 4
+    assert resumed == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)

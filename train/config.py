@@ -23,6 +23,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 10
+    lr_decay_steps: Optional[int] = None  # cosine reaches its floor here; None: train.steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
