@@ -236,7 +236,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict
     meta = read_meta(path)
     check_compatible(meta, run_config, path)
     state = model_entries(model)
-    if optimizer is not None:
+    with_optimizer = optimizer is not None and not meta.get("weights_only", False)
+    if with_optimizer:  # a converted (weights-only) checkpoint starts the optimizer afresh
         state.update(optimizer_entries(model, optimizer))
     available = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = sorted(set(state) - set(available))
@@ -245,7 +246,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     # Views were filled in place, except 0-d step tensors which DCP may replace: copy them back.
-    if optimizer is not None:
+    if with_optimizer:
         for name, module, _, param in _owners(model):
             optimizer.state[param]["step"].copy_(state[f"optim/step/{name}"])
     rng = path / "rng" / f"rank{_rank()}.pt"

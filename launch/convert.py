@@ -1,0 +1,182 @@
+"""`mohge-convert`: sharded DCP checkpoints <-> consolidated safetensors + config.json.
+
+    mohge-convert to-safetensors --checkpoint RUN_OR_STEP_DIR --output DIR [--dtype bf16] [--max-shard-gb N]
+    mohge-convert to-dcp --input DIR --output RUN_DIR
+
+`to-safetensors` needs no process group and no model code: it reads the checkpoint's metadata,
+loads every model tensor at full size, and joins per-expert entries back into [N, F, D] tensors.
+`to-dcp` writes a weights-only sharded checkpoint (RUN_DIR/checkpoints/step_00000000) that any
+layout can start from with `checkpoint.resume=RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from mohge.train.checkpoint import FORMAT_VERSION, LATEST, META, CheckpointError, is_complete, resolve_resume
+
+EXPERT_KEY = re.compile(r"^(?P<name>.+)/expert/(?P<row>\d+)$")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _checkpoint_dir(path: str) -> Path:
+    found = resolve_resume(path, path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint found")
+    return found
+
+
+def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a DCP checkpoint at full size, experts joined per parameter."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optim/")
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    return join_experts(state)
+
+
+def join_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for key, tensor in state.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            rows.setdefault(match["name"], {})[int(match["row"])] = tensor
+        else:
+            out[key] = tensor
+    for name, by_row in rows.items():
+        if sorted(by_row) != list(range(len(by_row))):
+            raise CheckpointError(f"{name}: expert rows {sorted(by_row)} are not 0..N-1; the checkpoint is damaged")
+        out[name] = torch.stack([by_row[r] for r in range(len(by_row))])
+    return out
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if ".experts." in name and tensor.dim() == 3:
+            out.update({f"{name}/expert/{r}": tensor[r].contiguous() for r in range(tensor.shape[0])})
+        else:
+            out[name] = tensor
+    return out
+
+
+def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, max_shard_gb: float = 0.0) -> list[Path]:
+    from safetensors.torch import save_file
+
+    path = _checkpoint_dir(checkpoint)
+    meta = json.loads((path / META).read_text())
+    state = load_consolidated(path)
+    if dtype:
+        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"model": meta["model"], "step": meta["step"],
+                                                 "format": "mohge", "format_version": FORMAT_VERSION}, indent=1))
+    shards = _shard(state, max_shard_gb)
+    if len(shards) == 1:
+        files = [out / "model.safetensors"]
+        save_file(shards[0], str(files[0]), metadata={"format": "pt"})
+        return files
+    files, index = [], {}
+    for i, shard in enumerate(shards):
+        file = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(file), metadata={"format": "pt"})
+        files.append(file)
+        index.update({k: file.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    return files
+
+
+def _shard(state: dict[str, torch.Tensor], max_shard_gb: float) -> list[dict[str, torch.Tensor]]:
+    if max_shard_gb <= 0:
+        return [state]
+    limit, shards, size = max_shard_gb * 1e9, [{}], 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.contiguous()
+        size += nbytes
+    return shards
+
+
+def read_safetensors(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, every tensor) from a consolidated directory, single file or sharded."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    config_file = d / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a consolidated mohge checkpoint has config.json")
+    config = json.loads(config_file.read_text())
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d / name}: missing weights file")
+        state.update(load_file(str(d / name)))
+    return config, state
+
+
+def to_dcp(input_dir: str, output: str) -> Path:
+    config, state = read_safetensors(input_dir)
+    root = Path(output) / "checkpoints"
+    step_dir = root / "step_00000000"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(split_experts(state), checkpoint_id=str(step_dir))
+    meta = {"format_version": FORMAT_VERSION, "step": 0, "data": {"consumed_samples": 0},
+            "model": config["model"], "weights_only": True}
+    (step_dir / META).write_text(json.dumps(meta, indent=1))
+    (root / LATEST).write_text(step_dir.name)
+    assert is_complete(step_dir)
+    return step_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mohge-convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("to-safetensors", help="sharded checkpoint -> consolidated safetensors + config.json")
+    a.add_argument("--checkpoint", required=True, help="a run dir (its latest checkpoint) or a step_* dir")
+    a.add_argument("--output", required=True)
+    a.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="e.g. bf16 for inference-only weights")
+    a.add_argument("--max-shard-gb", type=float, default=0.0, help="split into shards + index (0: one file)")
+    b = sub.add_parser("to-dcp", help="consolidated safetensors -> weights-only sharded checkpoint")
+    b.add_argument("--input", required=True)
+    b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-safetensors":
+            files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb)
+            print(f"wrote {len(files)} file(s) and config.json to {args.output}")
+        else:
+            print(f"wrote {to_dcp(args.input, args.output)}")
+    except CheckpointError as err:
+        print(f"mohge-convert: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
