@@ -67,21 +67,42 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
         apply_expert_parallel(model, ctx, cfg.model.moe)
     if dims.tp > 1 or dims.pp > 1:
         raise NotImplementedError("tensor and pipeline parallel are not wired into the trainer yet")
+    from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+    if dims.dp_shard > 1:
+        from mohge.parallel.data_parallel import apply_fsdp
+
+        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1)
     return model
+
+
+def fsdp_mesh(ctx: ParallelContext):
+    """dp_shard (FSDP), or (dp_replicate, dp_shard) for HSDP."""
+    if ctx.dims.dp_replicate > 1:
+        return ctx.dense_mesh["dp_replicate", "dp_shard"]
+    return ctx.dense_mesh["dp_shard"]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
 
 
 @torch.no_grad()
 def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
     """Averages gradients over data-parallel ranks so each equals the single-process gradient of
     the whole global batch: dense grads summed over dp, expert grads over the expert replicas
-    (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp."""
+    (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp. Gradients FSDP
+    manages arrive averaged already and are left alone."""
     for param in model.parameters():
         if param.grad is None:  # e.g. experts that received no token: every rank must send alike
             param.grad = torch.zeros_like(param)
     if not ctx.distributed or ctx.dims.dp == 1:
         return
-    dense = [p.grad for n, p in model.named_parameters() if p.grad is not None and not is_expert_param(n)]
-    expert = [p.grad for n, p in model.named_parameters() if p.grad is not None and is_expert_param(n)]
+    # FSDP-managed (DTensor) gradients are already averaged over data-parallel ranks.
+    plain = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None and not is_dtensor(p.grad)]
+    dense = [g for n, g in plain if not is_expert_param(n)]
+    expert = [g for n, g in plain if is_expert_param(n)]
     for grads, group in ((dense, ctx.group("dp")), (expert, ctx.group("edp") if ctx.dims.edp > 1 else None)):
         if not grads:
             continue
@@ -105,6 +126,8 @@ def global_grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
         if param.grad is None:
             continue
         sq = param.grad.detach().double().square().sum()
+        if is_dtensor(sq):  # sharded or partial: the DTensor reduction counts each element once
+            sq = sq.full_tensor()
         if is_expert_param(name):
             expert_sq += sq
         else:

@@ -44,3 +44,17 @@ def test_group_aux_switches_on_at_configured_fraction(tmp_path):
     train(_cfg(tmp_path, "train.steps=4", "model.moe.group_aux_start_fraction=0.5"))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["group_aux_active"] for line in lines] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, mode):
+    """Same losses and grad norms; routing stats and aux losses are not counted twice."""
+    base = train(_cfg(tmp_path / "none", "train.steps=3"))
+    ac = train(_cfg(tmp_path / mode, "train.steps=3", f"parallel.activation_checkpoint={mode}"))
+    assert ac.losses == pytest.approx(base.losses, rel=1e-6)
+    a = [json.loads(l) for l in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+        assert y["moe"]["layers.0.ffn"]["expert_load"] == x["moe"]["layers.0.ffn"]["expert_load"]
+        assert y["intra_group_aux_loss"] == pytest.approx(x["intra_group_aux_loss"], rel=1e-6)

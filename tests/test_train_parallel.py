@@ -34,11 +34,12 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize(
     "layout",
     [
+        ["parallel.dp_replicate=2"],
         ["parallel.dp_shard=2"],
         ["parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.dp_shard=2", "parallel.ep=2", "model.moe.allocation=group_coupled"],
     ],
-    ids=["dp2", "ep2", "ep2-coupled"],
+    ids=["dp2", "fsdp2", "fsdp2-ep2", "ep2-coupled"],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout):
     lines = _run(tmp_path, 2, *layout)
@@ -69,12 +70,14 @@ def test_bad_layout_fails_before_any_work(tmp_path):
         (["parallel.dp_shard=2", "parallel.ep=2"], 2, ["parallel.dp_shard=2", "parallel.ep=2",
                                                         "model.moe.allocation=group_coupled"]),
         ([], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+        (["parallel.dp_replicate=2"], 2, ["parallel.dp_shard=2"]),
+        (["parallel.dp_shard=2"], 1, []),
     ],
-    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2"],
+    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1"],
 )
 def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
     """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""
-    nproc = 2 if save_layout else 1
+    nproc = 2 if save_layout else 1  # every layout here has 2 processes
     _run(tmp_path, nproc, *save_layout, "train.steps=2",
          "checkpoint.every=2", "train.lr_decay_steps=4")
     lines = _run(tmp_path, resume_nproc, *resume_layout, "checkpoint.resume=auto")

@@ -243,12 +243,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict
     missing = sorted(set(state) - set(available))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    targets = dict(state)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
-    # Views were filled in place, except 0-d step tensors which DCP may replace: copy them back.
-    if with_optimizer:
-        for name, module, _, param in _owners(model):
-            optimizer.state[param]["step"].copy_(state[f"optim/step/{name}"])
+    # DCP fills most targets in place but may hand back new tensors (0-d steps, some DTensor
+    # states): copy those into the model's and optimizer's own tensors.
+    for key, loaded in state.items():
+        if loaded is not targets[key]:
+            targets[key].copy_(loaded)
     rng = path / "rng" / f"rank{_rank()}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])

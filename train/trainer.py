@@ -266,10 +266,11 @@ class Trainer:
         if torch.isfinite(grad_norm):
             self.bad_streak = 0
             if t.grad_clip > 0:
-                clip = (t.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-                for param in self.model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(clip.to(param.grad.dtype))
+                clip = min(1.0, t.grad_clip / (float(grad_norm) + 1e-6))
+                if clip < 1.0:
+                    for param in self.model.parameters():
+                        if param.grad is not None:
+                            param.grad.mul_(clip)
             self.optimizer.step()
         else:  # the norm is global, so every rank skips together
             self.bad_streak += 1
