@@ -1,0 +1,170 @@
+"""Training batches from Megatron indexed corpora through megatron-core's GPTDataset and
+BlendedMegatronDatasetBuilder (weighted blends, train/valid/test split, cached sample indices).
+
+Sample order is fixed by the seed; a step consumes `global_batch_size` consecutive samples,
+each micro-batch on data-parallel rank r takes its slice [r*mbs, (r+1)*mbs) of the next
+mbs*dp samples, so ranks never overlap and a run resumed at `consumed_samples` sees exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from mohge.data.config import DataConfig
+from mohge.data.errors import DataError
+from mohge.data.tokenizers import Tokenizer, load_tokenizer
+
+
+@contextmanager
+def _quiet_megatron():
+    """megatron-core warns about missing Transformer Engine / apex on import and logs every index
+    it builds; neither matters to its data layer."""
+    logger = logging.getLogger("megatron")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+@contextmanager
+def _process_group_for_megatron():
+    """megatron's blended builder calls torch.distributed.get_rank() even in one process: give it
+    a world-size-1 gloo group for the duration when none exists."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+class _MegatronTokenizer:
+    """What GPTDataset reads from a tokenizer: its end-of-document id, vocab size, and an identity
+    that goes into the cached index's hash."""
+
+    def __init__(self, tok: Tokenizer):
+        self.eod = tok.eod
+        self.vocab_size = tok.vocab_size
+        self.pad = -1
+        self.unique_identifiers = {"class": type(tok).__name__, "path": str(getattr(tok, "path", "")),
+                                   "vocab_size": tok.vocab_size}
+
+
+def check_prefix(prefix: str) -> None:
+    """A clear error for a missing or truncated .bin/.idx pair, before megatron reads it."""
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise DataError(f"data.prefixes: {prefix}{suffix} does not exist; run mohge-preprocess "
+                            f"--output-prefix {prefix} first")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        with _quiet_megatron():
+            index = IndexedDataset(prefix, mmap=True)
+            expected = int(index.index.sequence_pointers[-1] + index.index.sequence_lengths[-1] *
+                           index.index.dtype_size) if len(index) else 0
+    except Exception as err:  # megatron raises assorted errors on a damaged index
+        raise DataError(f"{prefix}.idx: unreadable or truncated ({err}); re-run mohge-preprocess") from err
+    actual = os.path.getsize(prefix + ".bin")
+    if actual < expected:
+        raise DataError(f"{prefix}.bin: truncated ({actual} bytes, the index needs {expected}); "
+                        "re-run mohge-preprocess")
+
+
+class MegatronData:
+    """next_train_batch() / valid_batches() over megatron GPTDatasets for one data-parallel rank."""
+
+    def __init__(self, train_ds, valid_ds, tokenizer: Tokenizer, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, needs_tokens: bool = True):
+        self.train_ds, self.valid_ds = train_ds, valid_ds
+        self.tokenizer = tokenizer
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.needs_tokens = needs_tokens
+        self.consumed_samples = 0
+
+    def _batch(self, dataset, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = first + self.dp_rank * self.micro_batch_size
+        samples = [dataset[(start + i) % len(dataset)] for i in range(self.micro_batch_size)]
+        tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+        labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+        return tokens, labels
+
+    def next_train_batch(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        batch = self._batch(self.train_ds, self.consumed_samples) if self.needs_tokens else None
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        return batch
+
+    def valid_batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.valid_ds is None:
+            raise DataError("the validation split is empty; raise its share in data.split or set train.eval_every=0")
+        for b in range(num_batches):
+            yield self._batch(self.valid_ds, b * self.micro_batch_size * self.dp_size)
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, seed: int, out_dir: str,
+               model_vocab_size: int, dp_rank: int = 0, dp_size: int = 1, train_samples: int,
+               valid_samples: int, needs_tokens: bool = True) -> MegatronData:
+    """The configured corpora as a MegatronData for this rank (see the module docstring)."""
+    if cfg.source == "embedded":
+        from mohge.data.embedded import PREFIX, prepare
+
+        directory = prepare(cfg.embedded_dir, quiet=dp_rank != 0)
+        tokenizer_path, prefixes, weights = str(directory / "tokenizer.json"), [str(directory / PREFIX)], [1.0]
+    elif cfg.source == "megatron":
+        if not cfg.prefixes:
+            raise DataError("data.prefixes: empty; give data.prefixes=[PREFIX,...] (see mohge-preprocess)")
+        if cfg.weights and len(cfg.weights) != len(cfg.prefixes):
+            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(cfg.prefixes)} prefixes")
+        if cfg.tokenizer is None:
+            raise DataError("data.tokenizer: required with data.source=megatron (tokenizer.json, .model or 'bytes')")
+        tokenizer_path, prefixes, weights = cfg.tokenizer, list(cfg.prefixes), list(cfg.weights) or None
+    else:
+        raise DataError(f"data.source: {cfg.source!r}; use embedded, megatron or synthetic")
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise DataError(f"data.tokenizer={tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                        f"{model_vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
+    for prefix in prefixes:
+        check_prefix(prefix)
+
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    cache = cfg.cache_dir or str(Path(out_dir) / "data_cache")
+    with _quiet_megatron():
+        config = GPTDatasetConfig(
+            random_seed=seed, sequence_length=seq_len, blend=(prefixes, weights), split=cfg.split,
+            path_to_cache=cache, tokenizer=_MegatronTokenizer(tokenizer), reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        )
+        with _process_group_for_megatron():
+            train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+            ).build()
+    if train_ds is None:
+        raise DataError(f"data.split={cfg.split}: the training split is empty")
+    return MegatronData(train_ds, valid_ds, tokenizer, micro_batch_size, dp_rank, dp_size, needs_tokens)
