@@ -26,6 +26,7 @@ from mohge.train.config import RunConfig
 from mohge.train.metrics import MetricsLogger
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
 
 
 @dataclass
@@ -162,7 +163,8 @@ def status_line(step: int, total: int, m: dict) -> str:
         groups = " groups[" + " ".join(f"{f:.2f}" for f in last) + "]"
     return (
         f"step {step:>5}/{total} loss {m['loss']:.4f} lm {m['lm_loss']:.4f} lr {m['lr']:.2e} "
-        f"gnorm {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f}{groups}"
+        f"gnorm {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f}"
+        + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "") + groups
     )
 
 
@@ -231,6 +233,7 @@ class Trainer:
             self._print(f"resumed from {resume} at step {self.step}")
         self.logger = MetricsLogger(cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=self.ctx.is_log_rank)
         self.logger.advance(self.step)
+        self.peak_tflops = device_peak_tflops(self.device)
         d = self.ctx.dims
         self._print(
             f"mohge: {cfg.model.num_params() / 1e6:.2f}M params, "
@@ -353,6 +356,8 @@ class Trainer:
             "group_aux_active": self.step - 1 >= self.group_aux_start,
             "moe": moe["moe"],
         }
+        metrics.update(throughput(self.cfg.model, t.seq_len, metrics["tokens_per_s"],
+                                  measured_group_fractions(moe["moe"]), self.peak_tflops, self.ctx.dims.world_size))
         if t.eval_every and (self.step % t.eval_every == 0 or last):
             metrics["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.amp, self.ctx)
             self.result.val_losses.append((self.step, metrics["val_loss"]))

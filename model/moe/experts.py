@@ -54,7 +54,10 @@ class GroupedGemmExpertGroup(ExpertGroup):
             # Still touch the weights so every parameter is part of the graph.
             return x_SD.new_zeros(x_SD.shape) + 0.0 * self.w2.sum()
         offs = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
-        dtype = x_SD.dtype
+        # grouped_mm is not covered by autocast: cast to the autocast dtype (bf16) by hand.
+        device_type = x_SD.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_SD.dtype
+        x_SD = x_SD.to(dtype)
         gate = F.grouped_mm(x_SD, self.w1.to(dtype).transpose(-2, -1), offs=offs)
         up = F.grouped_mm(x_SD, self.w3.to(dtype).transpose(-2, -1), offs=offs)
         h = (F.silu(gate) * up).contiguous()
