@@ -54,11 +54,13 @@ def test_active_params_follow_group_traffic():
         ("train.global_batch_size=6", "train.global_batch_size"),
         ("model.moe.allocation=random", "model.moe.allocation"),
         ("model.moe.group_aux_start_fraction=1.5", "model.moe.group_aux_start_fraction"),
+        ("train.fp8=torchao", "train.fp8"),
+        ("model.moe.expert_compute=grouped model.moe.groups.0.ffn_hidden_size=12", "model.moe.groups[0].ffn_hidden_size"),
     ],
 )
 def test_config_errors_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
-        compose_config("tiny_mohge", [override])
+        compose_config("tiny_mohge", override.split())
     assert str(err.value).startswith(field)
 
 

@@ -92,6 +92,11 @@ class RunConfig:
             raise ConfigError(f"train.precision: must be one of {PRECISIONS}")
         if t.fp8 not in FP8_BACKENDS:
             raise ConfigError(f"train.fp8: must be one of {FP8_BACKENDS}")
+        if t.fp8 != "none":
+            raise ConfigError(f"train.fp8={t.fp8}: FP8 training is not implemented yet; use train.fp8=none "
+                              "(bf16 autocast on CUDA)")
+        if t.compile:
+            raise ConfigError("train.compile=true: torch.compile is not wired in yet; use train.compile=false")
         if t.warmup_steps < 0:
             raise ConfigError("train.warmup_steps: must be >= 0")
         if not 0.0 <= t.min_lr_ratio <= 1.0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -330,6 +331,9 @@ class Trainer:
                 if not last and preemption.should_stop(self.ctx.group("world"), self.device):
                     if not (c.every and self.step % c.every == 0):
                         self.save()
+                    if self.ctx.is_log_rank:  # the SLURM template requeues when it finds this
+                        (Path(self.cfg.out_dir) / "REQUEUE").write_text(
+                            f"saved step {self.step} on {preemption.signal_name}\n")
                     self._print(f"stopping at step {self.step} on {preemption.signal_name}: "
                                 f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
                     self.logger.close()
