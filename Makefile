@@ -31,8 +31,9 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) -m pytest -q -m slow tests || true
+bench: $(STAMP)  # CPU benchmarks (tables + JSON in runs/); bench/bench_gpu.py needs a GPU
+	$(PY) bench/bench_ep.py --out runs/bench_ep.json
+	$(PY) bench/bench_data.py --out runs/bench_data.json
 
 clean:
 	rm -rf $(VENV) runs

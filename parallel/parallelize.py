@@ -65,8 +65,6 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
         from mohge.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ctx, cfg.model.moe)
-    if dims.tp > 1 or dims.pp > 1:
-        raise NotImplementedError("tensor and pipeline parallel are not wired into the trainer yet")
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)

@@ -73,6 +73,10 @@ class RunConfig:
         """Fail at start-up, naming the field, on any combination that cannot run."""
         self.model.validate()
         self.parallel.validate()
+        for name in ("tp", "pp"):
+            if getattr(self.parallel, name) > 1:
+                raise ConfigError(f"parallel.{name}={getattr(self.parallel, name)}: not wired into the trainer yet; "
+                                  f"use parallel.{name}=1 (data, FSDP and expert parallel are available)")
         t = self.train
         if t.steps < 1:
             raise ConfigError("train.steps: must be >= 1")
