@@ -99,6 +99,11 @@ class RunConfig:
         if t.fp8 != "none":
             raise ConfigError(f"train.fp8={t.fp8}: FP8 training is not implemented yet; use train.fp8=none "
                               "(bf16 autocast on CUDA)")
+        if self.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save=true: asynchronous saving is not implemented yet; "
+                              "use checkpoint.async_save=false")
+        if self.checkpoint.keep < 0 or self.checkpoint.every < 0:
+            raise ConfigError("checkpoint.every / checkpoint.keep: must be >= 0")
         if t.compile:
             raise ConfigError("train.compile=true: torch.compile is not wired in yet; use train.compile=false")
         if t.warmup_steps < 0:
