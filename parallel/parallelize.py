@@ -65,6 +65,10 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
         from mohge.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ctx, cfg.model.moe)
+    if dims.tp > 1:
+        from mohge.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel)
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
@@ -97,8 +101,11 @@ def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
             param.grad = torch.zeros_like(param)
     if not ctx.distributed or ctx.dims.dp == 1:
         return
-    # FSDP-managed (DTensor) gradients are already averaged over data-parallel ranks.
-    plain = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None and not is_dtensor(p.grad)]
+    # FSDP (dp_shard) averages every gradient it manages over data-parallel ranks itself; without
+    # it, tensor-parallel (DTensor) gradients are reduced here through their local shards.
+    fsdp = ctx.dims.dp_shard > 1
+    plain = [(n, p.grad.to_local() if is_dtensor(p.grad) else p.grad) for n, p in model.named_parameters()
+             if p.grad is not None and not (fsdp and is_dtensor(p.grad))]
     dense = [g for n, g in plain if not is_expert_param(n)]
     expert = [g for n, g in plain if is_expert_param(n)]
     for grads, group in ((dense, ctx.group("dp")), (expert, ctx.group("edp") if ctx.dims.edp > 1 else None)):

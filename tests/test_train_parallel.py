@@ -15,6 +15,7 @@ BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train
 
 
 def _run(out_dir, nproc: int, *overrides) -> list[dict]:
+    """mohge-train on `nproc` processes (torchrun when > 1); the run's metrics.jsonl lines."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
@@ -38,11 +39,15 @@ def reference(tmp_path_factory):
         ["parallel.dp_shard=2"],
         ["parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.dp_shard=2", "parallel.ep=2", "model.moe.allocation=group_coupled"],
+        ["parallel.tp=2"],
+        ["parallel.tp=2", "parallel.sequence_parallel=false"],
+        ["parallel.dp_replicate=2", "parallel.tp=2", "parallel.ep=2"],
     ],
-    ids=["dp2", "fsdp2", "fsdp2-ep2", "ep2-coupled"],
+    ids=["dp2", "fsdp2", "fsdp2-ep2", "ep2-coupled", "tp2-sp", "tp2", "dp2-tp2-ep2"],
 )
 def test_layout_matches_single_process(tmp_path, reference, layout):
-    lines = _run(tmp_path, 2, *layout)
+    nproc = 4 if "parallel.tp=2" in layout and "parallel.ep=2" in layout else 2
+    lines = _run(tmp_path, nproc, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
     layer = lines[0]["moe"]["layers.0.ffn"]
@@ -72,8 +77,9 @@ def test_bad_layout_fails_before_any_work(tmp_path):
         ([], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
         (["parallel.dp_replicate=2"], 2, ["parallel.dp_shard=2"]),
         (["parallel.dp_shard=2"], 1, []),
+        (["parallel.tp=2"], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
     ],
-    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1"],
+    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2"],
 )
 def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
     """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""

@@ -73,10 +73,23 @@ class RunConfig:
         """Fail at start-up, naming the field, on any combination that cannot run."""
         self.model.validate()
         self.parallel.validate()
-        for name in ("tp", "pp"):
-            if getattr(self.parallel, name) > 1:
-                raise ConfigError(f"parallel.{name}={getattr(self.parallel, name)}: not wired into the trainer yet; "
-                                  f"use parallel.{name}=1 (data, FSDP and expert parallel are available)")
+        if self.parallel.pp > 1:
+            raise ConfigError(f"parallel.pp={self.parallel.pp}: pipeline parallel is not wired into the trainer "
+                              "yet; use parallel.pp=1")
+        tp, m = self.parallel.tp, self.model
+        if tp > 1:
+            for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                                ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size)):
+                if value % tp:
+                    raise ConfigError(f"{name}: {value} must be divisible by parallel.tp={tp}")
+            if m.tie_embeddings:
+                raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1; set it to false")
+            if self.parallel.dp_shard > 1:
+                raise ConfigError("parallel.dp_shard: FSDP together with tensor parallel is not supported yet; "
+                                  "use parallel.dp_replicate for data parallel with tp > 1")
+            if self.parallel.sequence_parallel and self.train.seq_len % tp:
+                raise ConfigError(f"train.seq_len: {self.train.seq_len} must be divisible by parallel.tp={tp} "
+                                  "with sequence parallel (or set parallel.sequence_parallel=false)")
         t = self.train
         if t.steps < 1:
             raise ConfigError("train.steps: must be >= 1")

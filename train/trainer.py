@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -21,6 +22,7 @@ from torch import nn
 from mohge.model.moe.layer import moe_layers, recording_suspended, set_group_aux_active
 from mohge.model.transformer import build_model
 from mohge.parallel.dims import ParallelDims
+from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, sync_gradients
 from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
@@ -61,6 +63,12 @@ def resolve_expert_compute(setting: str, device: torch.device) -> str:
     if setting == "auto":
         return "grouped" if device.type == "cuda" else "loop"
     return setting
+
+
+def scalar(value: torch.Tensor) -> float:
+    """A loss as a float, also when tensor parallel made it a (replicated) DTensor."""
+    value = value.detach()
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -173,10 +181,10 @@ def status_line(step: int, total: int, m: dict) -> str:
 def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: Optional[torch.dtype], ctx) -> float:
     model.eval()
     total, count = 0.0, 0
-    with recording_suspended(model):
+    with recording_suspended(model), loss_context(ctx.dims.tp > 1):
         for tokens, labels in data.valid_batches(cfg.train.eval_iters):
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                total += float(lm_loss(model(tokens.to(device)), labels.to(device)))
+                total += scalar(lm_loss(model(tokens.to(device)), labels.to(device)))
             count += 1
     model.train()
     value = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -235,6 +243,7 @@ class Trainer:
         self.logger = MetricsLogger(cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=self.ctx.is_log_rank)
         self.logger.advance(self.step)
         self.peak_tflops = device_peak_tflops(self.device)
+        self.loss_context = partial(loss_context, self.ctx.dims.tp > 1)
         d = self.ctx.dims
         self._print(
             f"mohge: {cfg.model.num_params() / 1e6:.2f}M params, "
@@ -253,10 +262,11 @@ class Trainer:
         for _ in range(self.n_micro):
             tokens, labels = self.data.next_train_batch()
             tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                loss = lm_loss(self.model(tokens), labels)
-            loss.backward()
-            total += float(loss.detach()) / self.n_micro
+            with self.loss_context():
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    loss = lm_loss(self.model(tokens), labels)
+                loss.backward()
+            total += scalar(loss) / self.n_micro
         return total
 
     def optimizer_step(self) -> torch.Tensor:

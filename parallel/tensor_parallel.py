@@ -1,0 +1,73 @@
+"""Tensor parallel (+ sequence parallel) through DTensor plans, applied to a plain model.
+
+Attention: wq/wk/wv column-parallel (heads split over tp), wo row-parallel. Dense FFN: w1/w3
+column-parallel, w2 row-parallel. Embedding vocab-parallel (row-wise), output head column-parallel
+with its logits left sharded over the vocabulary: `loss_context()` computes the cross-entropy
+without gathering them. With sequence parallel, norms and the residual stream are split along the
+sequence between the tensor-parallel regions.
+
+MoHGE layers run with expert-TP = 1: their input is gathered to the full (replicated) sequence,
+every tp rank computes the same routing and experts, and the output is split back. Router and
+expert weights stay plain tensors with identical gradients on every tp rank.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from mohge.model.moe.layer import MoHGELayer
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Shards `model` in place over `tp_mesh` (before weights are materialised)."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if sequence_parallel:
+        top["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(input_layouts=(seq, None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        if isinstance(block.ffn, MoHGELayer):
+            if sequence_parallel:  # gather the sequence for the experts, split it back after
+                plan["ffn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                                 use_local_output=True)
+                parallelize_module(block.ffn, tp_mesh, PrepareModuleOutput(
+                    output_layouts=(Replicate(),), desired_output_layouts=(seq,)))
+        else:
+            plan.update({
+                "ffn": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+                "ffn.w1": ColwiseParallel(),
+                "ffn.w3": ColwiseParallel(),
+                "ffn.w2": RowwiseParallel(output_layouts=seq),
+            })
+        parallelize_module(block, tp_mesh, plan)
+
+
+def loss_context(tensor_parallel: bool):
+    """Cross-entropy over vocabulary-sharded logits, without gathering them (forward and backward
+    must both run inside)."""
+    return loss_parallel() if tensor_parallel else nullcontext()
