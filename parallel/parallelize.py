@@ -1,6 +1,6 @@
 """Turns a plain Transformer into a distributed one, and syncs its gradients.
 
-Order (fixed): expert parallel -> tensor parallel -> pipeline split -> activation checkpointing ->
+Order (fixed): pipeline split -> expert parallel -> tensor parallel -> activation checkpointing ->
 data parallel. Each step lives in its own module; this file only sequences them.
 """
 
@@ -61,6 +61,11 @@ def is_expert_param(name: str) -> bool:
 def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     """Applies every parallel dimension of `cfg.parallel` to a model built on meta."""
     dims = ctx.dims
+    if dims.pp > 1:  # prune first: the other dimensions then see only this rank's modules
+        from mohge.parallel.pipeline import split_model
+
+        p = cfg.parallel
+        model.pipeline_stages = split_model(model, ctx.coords["pp"], dims.pp, p.pp_virtual_stages, p.pp_layer_split)
     if dims.ep > 1:
         from mohge.parallel.expert_parallel import apply_expert_parallel
 
@@ -139,4 +144,7 @@ def global_grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
             dense_sq += sq
     if ctx.distributed and ctx.dims.ep > 1:
         dist.all_reduce(expert_sq, group=ctx.group("ep"))
-    return (dense_sq + expert_sq).sqrt()
+    total = dense_sq + expert_sq
+    if ctx.distributed and ctx.dims.pp > 1:  # each stage holds different parameters
+        dist.all_reduce(total, group=ctx.group("pp"))
+    return total.sqrt()

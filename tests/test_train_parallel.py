@@ -78,8 +78,9 @@ def test_bad_layout_fails_before_any_work(tmp_path):
         (["parallel.dp_replicate=2"], 2, ["parallel.dp_shard=2"]),
         (["parallel.dp_shard=2"], 1, []),
         (["parallel.tp=2"], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+        (["parallel.tp=2"], 2, ["parallel.pp=2"]),
     ],
-    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2"],
+    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2", "tp2->pp2"],
 )
 def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
     """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""
@@ -90,3 +91,31 @@ def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_np
     resumed = [l["lm_loss"] for l in lines]
     assert len(resumed) == 4
     assert resumed == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
+
+
+PP = ["model.n_layers=4", "train.micro_batch_size=1"]
+
+
+@pytest.fixture(scope="module")
+def pp_reference(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("ppref"), 1, *PP)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        (2, ["parallel.pp=2"]),
+        (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
+        (4, ["parallel.pp=2", "parallel.tp=2"]),
+        (8, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_replicate=2", "parallel.ep=2"]),
+    ],
+    ids=["pp2-1f1b", "pp2-interleaved", "tp2-pp2", "tp2-ep2-pp2"],
+)
+def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, nproc, layout):
+    """Aux losses attached on every stage reach the gradients exactly as without pipelining."""
+    lines = _run(tmp_path, nproc, *PP, "train.eval_every=0", *layout)
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
+    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in pp_reference], rel=1e-4)
+    assert sorted(lines[-1]["moe"]) == sorted(pp_reference[-1]["moe"])  # every stage's layers reported
+    assert lines[-1]["intra_group_aux_loss"] == pytest.approx(pp_reference[-1]["intra_group_aux_loss"], rel=1e-4)

@@ -73,9 +73,25 @@ class RunConfig:
         """Fail at start-up, naming the field, on any combination that cannot run."""
         self.model.validate()
         self.parallel.validate()
-        if self.parallel.pp > 1:
-            raise ConfigError(f"parallel.pp={self.parallel.pp}: pipeline parallel is not wired into the trainer "
-                              "yet; use parallel.pp=1")
+        p = self.parallel
+        if p.pp > 1:
+            n_micro = self.grad_accum_steps if self.train.global_batch_size % (
+                self.train.micro_batch_size * p.dp_replicate * p.dp_shard) == 0 else 0
+            if self.model.tie_embeddings:
+                raise ConfigError("model.tie_embeddings: not supported with parallel.pp > 1; set it to false")
+            if p.dp_shard > 1:
+                raise ConfigError("parallel.dp_shard: FSDP together with pipeline parallel is not supported yet; "
+                                  "use parallel.dp_replicate with pp > 1")
+            if self.train.eval_every:
+                raise ConfigError("train.eval_every: validation is not implemented for pipeline parallel yet; "
+                                  "set train.eval_every=0 with parallel.pp > 1")
+            if n_micro and n_micro < p.pp * p.pp_virtual_stages and p.pp_schedule != "gpipe":
+                raise ConfigError(f"train.global_batch_size: {n_micro} micro-batches per step is fewer than the "
+                                  f"{p.pp * p.pp_virtual_stages} pipeline stages; raise global_batch_size or lower "
+                                  "micro_batch_size")
+            if self.model.n_layers < p.pp * p.pp_virtual_stages:
+                raise ConfigError(f"parallel.pp: {p.pp} x {p.pp_virtual_stages} virtual stages need at least as many "
+                                  f"layers (model.n_layers={self.model.n_layers})")
         tp, m = self.parallel.tp, self.model
         if tp > 1:
             for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),

@@ -109,8 +109,7 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
     imbalance ratio (max / mean). Counts are summed over data-parallel ranks.
     """
     per_layer, totals = {}, {"group_aux_loss": 0.0, "intra_group_aux_loss": 0.0, "z_loss": 0.0}
-    layers = list(moe_layers(model))
-    for name, layer in layers:
+    for name, layer in moe_layers(model):
         stats = layer.stats.pop()
         if not stats["forwards"]:
             continue
@@ -142,26 +141,24 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
             ]
             entry["ep_flop_imbalance"] = max(flops) / mean if mean > 0 else 1.0
         per_layer[name] = entry
-        for k in totals:
-            totals[k] += stats[k] / len(layers)
+    if ctx.distributed and ctx.dims.pp > 1:  # every stage reports its own layers
+        gathered: list = [None] * ctx.dims.pp
+        dist.all_gather_object(gathered, per_layer, group=ctx.group("pp"))
+        per_layer = {name: entry for part in gathered for name, entry in sorted(part.items())}
+    for k in totals:
+        totals[k] = sum(e[k] for e in per_layer.values()) / max(len(per_layer), 1)
     return {"moe": per_layer, **totals}
 
 
-def weighted_aux_total(model: nn.Module, metrics: dict) -> float:
+def weighted_aux_total(moe_cfg, metrics: dict, group_aux_active: bool) -> float:
     """The auxiliary terms' contribution to the objective, from the per-layer mean values."""
-    total = 0.0
-    for name, layer in moe_layers(model):
-        entry = metrics["moe"].get(name)
-        if entry is None:
-            continue
-        cfg = layer.cfg
-        group_coeff = cfg.group_aux_coeff if layer.group_aux_active else 0.0
-        total += (
-            group_coeff * entry["group_aux_loss"]
-            + cfg.intra_aux_coeff * entry["intra_group_aux_loss"]
-            + cfg.z_loss_coeff * entry["z_loss"]
-        )
-    return total
+    group_coeff = moe_cfg.group_aux_coeff if group_aux_active else 0.0
+    return sum(
+        group_coeff * entry["group_aux_loss"]
+        + moe_cfg.intra_aux_coeff * entry["intra_group_aux_loss"]
+        + moe_cfg.z_loss_coeff * entry["z_loss"]
+        for entry in metrics["moe"].values()
+    )
 
 
 def status_line(step: int, total: int, m: dict) -> str:
@@ -244,6 +241,12 @@ class Trainer:
         self.logger.advance(self.step)
         self.peak_tflops = device_peak_tflops(self.device)
         self.loss_context = partial(loss_context, self.ctx.dims.tp > 1)
+        self.pipeline = None
+        if self.ctx.dims.pp > 1:
+            from mohge.parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.model, self.model.pipeline_stages, self.ctx.dims.pp, self.ctx.group("pp"),
+                                     self.device, self.n_micro, cfg.parallel.pp_schedule, lm_loss)
         d = self.ctx.dims
         self._print(
             f"mohge: {cfg.model.num_params() / 1e6:.2f}M params, "
@@ -257,7 +260,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def forward_backward(self) -> float:
-        """All micro-batches of one step; returns the mean LM loss of this rank."""
+        """All micro-batches of one step; returns the mean LM loss of this rank's data."""
+        if self.pipeline is not None:
+            return self.pipeline_forward_backward()
         total = 0.0
         for _ in range(self.n_micro):
             tokens, labels = self.data.next_train_batch()
@@ -268,6 +273,19 @@ class Trainer:
                 loss.backward()
             total += scalar(loss) / self.n_micro
         return total
+
+    def pipeline_forward_backward(self) -> float:
+        batches = [self.data.next_train_batch() for _ in range(self.n_micro)]
+        tokens = torch.cat([b[0] for b in batches]).to(self.device)
+        labels = torch.cat([b[1] for b in batches]).to(self.device)
+        with self.loss_context():
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                losses = self.pipeline.step(tokens, labels)
+        # The last stage has the losses; the others add zero, so every rank reports the same.
+        total = torch.tensor(sum(scalar(x) for x in losses) / self.n_micro if losses else 0.0,
+                             dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.ctx.group("pp"))
+        return float(total)
 
     def optimizer_step(self) -> torch.Tensor:
         """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
@@ -358,7 +376,7 @@ class Trainer:
         lm = window["loss"] / window["steps"]
         metrics = {
             "step": self.step,
-            "loss": lm + weighted_aux_total(self.model, moe),
+            "loss": lm + weighted_aux_total(self.cfg.model.moe, moe, self.step - 1 >= self.group_aux_start),
             "lm_loss": lm,
             "group_aux_loss": moe["group_aux_loss"],
             "intra_group_aux_loss": moe["intra_group_aux_loss"],

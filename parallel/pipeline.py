@@ -1,0 +1,116 @@
+"""Pipeline parallel through torch.distributed.pipelining (1F1B, interleaved 1F1B, GPipe).
+
+The layers are split into pp x virtual_stages consecutive stages; pipeline rank r runs stages
+r, r + pp, r + 2pp, ... (the looped placement interleaved schedules expect). Each rank keeps one
+pruned model holding every module its stages need — under the original parameter names, so
+initialisation, checkpoints and the other parallel dimensions see an ordinary model — and
+`StageModule` views of it that the schedule drives. MoE auxiliary losses are attached to each
+stage's outputs through autograd, so their gradients flow exactly as without pipelining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mohge.model.config import ConfigError
+
+SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+
+
+def layer_split(n_layers: int, num_stages: int, split: list[int] | None = None) -> list[range]:
+    """Layer ids of every stage: `split` (layers per stage) or as even as possible, earlier
+    stages taking the remainder's extra layers last (the first stage also embeds)."""
+    if split is None:
+        base, extra = divmod(n_layers, num_stages)
+        split = [base + (1 if s >= num_stages - extra else 0) for s in range(num_stages)]
+    if len(split) != num_stages or sum(split) != n_layers or min(split) < 1:
+        raise ConfigError(f"parallel.pp_layer_split: {split} must give each of the {num_stages} stages >= 1 layer "
+                          f"and sum to model.n_layers={n_layers}")
+    starts = [sum(split[:s]) for s in range(num_stages)]
+    return [range(start, start + n) for start, n in zip(starts, split)]
+
+
+def stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def prune_for_stages(model: nn.Module, keep_layers: set[int], first: bool, last: bool) -> None:
+    """Deletes what this rank's stages never run; names of the rest do not change."""
+    for key in list(model.layers.keys()):
+        if int(key) not in keep_layers:
+            del model.layers[key]
+    if not first:
+        model.tok_embeddings = None
+    if not last:
+        model.norm = None
+        model.output = None
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: a view of the pruned model's modules (parameters are shared)."""
+
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # for the rope table; not a registered child
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleList(model.layers[str(i)] for i in layers)
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+        self.tied = last and model.output is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers:
+            h = layer(h, self._model.rope)
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self._model.tok_embeddings.weight)
+
+
+def split_model(model: nn.Module, pp_rank: int, pp: int, virtual: int, split: list[int] | None):
+    """Prunes `model` for this rank; returns [(stage index, StageModule factory)], built after
+    the model is materialised (the views must reference the final modules)."""
+    num_stages = pp * virtual
+    ranges = layer_split(len(model.layers), num_stages, split)
+    mine = stage_ids(pp_rank, pp, virtual)
+    keep = {i for s in mine for i in ranges[s]}
+    prune_for_stages(model, keep, first=0 in mine, last=num_stages - 1 in mine)
+    return [(s, ranges[s], s == 0, s == num_stages - 1) for s in mine]
+
+
+class Pipeline:
+    """The schedule over this rank's stages; `step` runs one optimizer step's micro-batches."""
+
+    def __init__(self, model: nn.Module, stages: list, pp: int, group, device, n_micro: int, schedule: str, loss_fn):
+        from torch.distributed import pipelining
+
+        num_stages = pp * len(stages)
+        self.stage_modules = [StageModule(model, layers, first, last) for _, layers, first, last in stages]
+        pipeline_stages = [
+            pipelining.PipelineStage(module, index, num_stages, device, group=group)
+            for module, (index, *_rest) in zip(self.stage_modules, stages)
+        ]
+        self.has_first = any(first for *_x, first, _last in stages)
+        self.has_last = any(last for *_x, last in stages)
+        cls = getattr(pipelining, SCHEDULES[schedule])
+        if schedule == "interleaved_1f1b":
+            self.schedule = cls(pipeline_stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+        else:
+            if len(pipeline_stages) != 1:
+                raise ConfigError(f"parallel.pp_virtual_stages: {schedule} runs one stage per rank; use "
+                                  "parallel.pp_schedule=interleaved_1f1b for virtual stages")
+            self.schedule = cls(pipeline_stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Forward + backward of all micro-batches (stacked along dim 0); the last stage's
+        per-micro-batch losses, [] elsewhere."""
+        args = (tokens,) if self.has_first else ()
+        if self.has_last:
+            losses: list[torch.Tensor] = []
+            self.schedule.step(*args, target=labels, losses=losses)
+            return losses
+        self.schedule.step(*args)
+        return []
