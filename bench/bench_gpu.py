@@ -22,6 +22,7 @@ from mohge.data.synthetic import SyntheticData
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup
 from mohge.model.transformer import build_model
+from mohge.train.fp8 import apply_fp8
 from mohge.train.throughput import device_peak_tflops
 
 WIDTHS = [384, 512, 640, 768, 896, 1024, 1152, 1280]
@@ -90,10 +91,11 @@ def bench_grouped_gemm(tokens: int, experts: int, d_model: int = 1024) -> list[d
 
 
 def train_run(cfg: ModelConfig, steps: int, batch: int, seq_len: int, compute: str, seed: int = 0,
-              profile_experts: bool = False) -> dict:
+              profile_experts: bool = False, fp8: str = "none") -> dict:
     cfg.moe.expert_compute = compute
     torch.manual_seed(seed)
     model = build_model(cfg, "meta", expert_compute=compute)
+    converted = apply_fp8(model, fp8, torch.device("cuda"))
     model.to_empty(device="cuda")
     model.init_weights(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -146,7 +148,7 @@ def train_run(cfg: ModelConfig, steps: int, batch: int, seq_len: int, compute: s
     flops_token = cfg.flops_per_token(seq_len, fractions)
     peak = device_peak_tflops(torch.device("cuda"))
     tflops = flops_token * tokens_per_s / 1e12
-    return {"compute": compute, "params": cfg.num_params(), "active_params": cfg.active_params_per_token(fractions),
+    return {"compute": compute, "fp8": fp8, "fp8_linears": converted, "params": cfg.num_params(), "active_params": cfg.active_params_per_token(fractions),
             "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": losses,
             "group_fractions": fractions,
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--stability-steps", type=int, default=200)
+    parser.add_argument("--fp8", choices=("none", "torchao"), default="torchao")
     parser.add_argument("--out", default="runs/bench_gpu.json")
     args = parser.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -180,6 +183,8 @@ def main(argv=None) -> int:
                       ("moe", moe_config(args.layers, args.experts_per_group))):
         runs[f"{name}-grouped"] = train_run(cfg, args.steps, args.batch, args.seq_len, "grouped")
         runs[f"{name}-grouped-profiled"] = train_run(cfg, 12, args.batch, args.seq_len, "grouped", profile_experts=True)
+        if args.fp8 != "none":
+            runs[f"{name}-grouped-fp8"] = train_run(cfg, args.steps, args.batch, args.seq_len, "grouped", fp8=args.fp8)
         torch.cuda.empty_cache()
     report["throughput"] = {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in runs.items()}
     print(f"\ntraining throughput (bf16 autocast, batch {args.batch} x {args.seq_len}, {args.layers} layers):")
@@ -192,11 +197,18 @@ def main(argv=None) -> int:
 
     small = mohge_config(4, 2)
     curves = {c: train_run(small, args.stability_steps, 4, 1024, c)["losses"] for c in ("loop", "grouped")}
-    dev = max(abs(a - b) / abs(a) for a, b in zip(curves["loop"], curves["grouped"]))
-    report["stability"] = {"config": "4 layers, 8 groups x 2 experts, batch 4 x 1024", "curves": curves,
-                           "max_rel_deviation": dev}
-    print(f"\nstability, {args.stability_steps} steps bf16: loss {curves['loop'][0]:.3f} -> {curves['loop'][-1]:.3f} "
-          f"(loop) vs {curves['grouped'][-1]:.3f} (grouped); max relative deviation {dev:.2e}")
+    if args.fp8 != "none":
+        curves[f"grouped-fp8-{args.fp8}"] = train_run(small, args.stability_steps, 4, 1024, "grouped", fp8=args.fp8)["losses"]
+    tail = min(50, args.stability_steps)
+    summary = {name: {"first": c[0], "last": c[-1], f"mean_last_{tail}": sum(c[-tail:]) / tail,
+                      "max_rel_dev_vs_loop": max(abs(a - b) / abs(a) for a, b in zip(curves["loop"], c))}
+               for name, c in curves.items()}
+    report["stability"] = {"config": "4 layers, 8 groups x 2 experts, batch 4 x 1024, lr 6e-4", "curves": curves,
+                           "summary": summary}
+    print(f"\nstability, {args.stability_steps} steps (bf16 loop = reference):")
+    for name, s_ in summary.items():
+        print(f"  {name:<22} loss {s_['first']:.3f} -> {s_['last']:.3f}, mean of last {tail} "
+              f"{s_[f'mean_last_{tail}']:.4f}, max rel. deviation from loop {s_['max_rel_dev_vs_loop']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -208,7 +220,7 @@ def main(argv=None) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name, curve in curves.items():
-            ax.plot(curve, label=f"bf16 {name}", lw=1)
+            ax.plot(curve, label=name, lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("LM loss")
         ax.set_title(f"MoHGE expert paths on {device}")

@@ -22,6 +22,7 @@ class ParallelContext:
 
     dims: ParallelDims
     rank: int = 0
+    device: torch.device = torch.device("cpu")
     dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
     expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp, ep, tp)
 
@@ -74,6 +75,10 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
         from mohge.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel)
+    if cfg.train.fp8 != "none":
+        from mohge.train.fp8 import apply_fp8
+
+        apply_fp8(model, cfg.train.fp8, ctx.device, tensor_parallel=dims.tp > 1)
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)

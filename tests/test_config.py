@@ -54,8 +54,8 @@ def test_active_params_follow_group_traffic():
         ("train.global_batch_size=6", "train.global_batch_size"),
         ("model.moe.allocation=random", "model.moe.allocation"),
         ("model.moe.group_aux_start_fraction=1.5", "model.moe.group_aux_start_fraction"),
-        ("train.fp8=torchao", "train.fp8"),
-        ("parallel.tp=2", "parallel.tp"),
+        ("train.fp8=te", "train.fp8"),
+        ("parallel.tp=3", "model.n_heads"),
         ("model.moe.expert_compute=grouped model.moe.groups.0.ffn_hidden_size=12", "model.moe.groups[0].ffn_hidden_size"),
     ],
 )

@@ -125,9 +125,8 @@ class RunConfig:
             raise ConfigError(f"train.precision: must be one of {PRECISIONS}")
         if t.fp8 not in FP8_BACKENDS:
             raise ConfigError(f"train.fp8: must be one of {FP8_BACKENDS}")
-        if t.fp8 != "none":
-            raise ConfigError(f"train.fp8={t.fp8}: FP8 training is not implemented yet; use train.fp8=none "
-                              "(bf16 autocast on CUDA)")
+        if t.fp8 == "te":
+            raise ConfigError("train.fp8=te: the Transformer Engine path is not implemented yet; use train.fp8=torchao")
         if self.checkpoint.async_save:
             raise ConfigError("checkpoint.async_save=true: asynchronous saving is not implemented yet; "
                               "use checkpoint.async_save=false")

@@ -82,7 +82,7 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dims = ParallelDims.from_config(cfg.parallel, world)  # fails with a clear message first
     device = resolve_device(cfg.train.device, local_rank)
-    ctx = ParallelContext(dims=dims, rank=rank)
+    ctx = ParallelContext(dims=dims, rank=rank, device=device)
     if world > 1:
         backend = cfg.parallel.backend
         if backend == "auto":
