@@ -6,19 +6,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from distributed import free_port
+
+ROOT = Path(__file__).parents[1]
 
 BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.eval_every=0", "logging.progress=false", "train.log_every=1"]
 
 
 def _run(out_dir, nproc: int, *overrides) -> list[dict]:
-    """mohge-train on `nproc` processes (torchrun when > 1); the run's metrics.jsonl lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
+    """mohge-train on `nproc` processes through launch/torchrun.sh (CPU/gloo mode); one process
+    runs the console entry point directly. Returns the run's metrics.jsonl lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOHGE_CPU": "1", "NPROC_PER_NODE": str(nproc),
+           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), *BASE, f"out_dir={out_dir}", *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -109,13 +113,26 @@ def pp_reference(tmp_path_factory):
         (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
         (4, ["parallel.pp=2", "parallel.tp=2"]),
         (8, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_replicate=2", "parallel.ep=2"]),
+        (4, ["parallel.dp_replicate=4", "parallel.ep=2"]),
+        (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"]),
     ],
-    ids=["pp2-1f1b", "pp2-interleaved", "tp2-pp2", "tp2-ep2-pp2"],
+    ids=["pp2-1f1b", "pp2-interleaved", "tp2-pp2", "tp2-ep2-pp2", "dp4-ep2", "hsdp-ep2"],
 )
 def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, nproc, layout):
-    """Aux losses attached on every stage reach the gradients exactly as without pipelining."""
+    """Layouts needing one sequence per micro-batch (pipelines; 4 data-parallel ranks). With
+    pipelining, aux losses attached on every stage reach the gradients exactly as without it;
+    with dp4 x ep2 each expert has two replicas whose gradients are averaged."""
     lines = _run(tmp_path, nproc, *PP, "train.eval_every=0", *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in pp_reference], rel=1e-4)
     assert sorted(lines[-1]["moe"]) == sorted(pp_reference[-1]["moe"])  # every stage's layers reported
     assert lines[-1]["intra_group_aux_loss"] == pytest.approx(pp_reference[-1]["intra_group_aux_loss"], rel=1e-4)
+
+
+@pytest.mark.multirank
+def test_resume_ep2_tp2_as_ep4(tmp_path, pp_reference):
+    """Save under dp2 x tp2 x ep2 (4 processes), finish under dp4 x ep4: same losses."""
+    _run(tmp_path, 4, *PP, "parallel.dp_replicate=2", "parallel.tp=2", "parallel.ep=2", "train.steps=2",
+         "checkpoint.every=2", "train.lr_decay_steps=4")
+    lines = _run(tmp_path, 4, *PP, "parallel.dp_replicate=4", "parallel.ep=4", "checkpoint.resume=auto")
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)

@@ -113,12 +113,17 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
         stats = layer.stats.pop()
         if not stats["forwards"]:
             continue
-        counts = torch.cat([stats["tokens_per_expert"], torch.tensor([stats.get("dropped_slots", 0.0)]).double()])
+        # Counts are summed and loss values averaged over data-parallel ranks, in one reduction.
+        losses = [stats[k] for k in totals]
+        packed = torch.cat([stats["tokens_per_expert"], torch.tensor([stats.get("dropped_slots", 0.0), *losses]).double()])
         if ctx.distributed and ctx.dims.dp > 1:
-            counts = counts.to(next(model.parameters()).device)
-            dist.all_reduce(counts, group=ctx.group("dp"))
-            counts = counts.cpu()
-        tokens_per_expert, dropped = counts[:-1], float(counts[-1])
+            packed = packed.to(next(model.parameters()).device)
+            dist.all_reduce(packed, group=ctx.group("dp"))
+            packed = packed.cpu()
+            packed[-len(losses):] /= ctx.dims.dp
+        n = len(losses) + 1
+        tokens_per_expert, dropped = packed[:-n], float(packed[-n])
+        stats.update({k: float(v) for k, v in zip(totals, packed[-len(losses):])})
         offsets = layer.cfg.group_offsets()
         slots = float(tokens_per_expert.sum()) or 1.0
         group_slots = [float(tokens_per_expert[offsets[g] : offsets[g + 1]].sum()) for g in range(len(offsets) - 1)]
