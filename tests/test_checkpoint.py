@@ -157,3 +157,19 @@ def test_sigterm_saves_and_exits_with_requeue_code(tmp_path):
     assert latest is not None
     steps_logged = len((tmp_path / "metrics.jsonl").read_text().splitlines())
     assert int(latest.name.split("_")[1]) == steps_logged
+
+
+def test_async_save_is_visible_only_when_complete_and_resumes_exactly(tmp_path):
+    full = Trainer(_cfg(tmp_path / "full", "train.steps=4"))
+    full_losses = [full.train_step()[0] for _ in range(4)]
+    first = Trainer(_cfg(tmp_path / "a", "train.steps=4", "checkpoint.async_save=true"))
+    losses = [first.train_step()[0] for _ in range(2)]
+    first.save()
+    assert first.pending_save is not None and find_latest(str(tmp_path / "a")) is None  # not visible yet
+    losses.append(first.train_step()[0])  # training goes on while the shards are written
+    first.finish_pending_save()
+    assert find_latest(str(tmp_path / "a")).name == "step_00000002"
+    resumed = Trainer(_cfg(tmp_path / "a", "train.steps=4", "checkpoint.resume=auto"))
+    assert resumed.step == 2
+    assert [resumed.train_step()[0] for _ in range(2)] == full_losses[2:]
+    assert losses == full_losses[:3]

@@ -83,8 +83,10 @@ def test_bad_layout_fails_before_any_work(tmp_path):
         (["parallel.dp_shard=2"], 1, []),
         (["parallel.tp=2"], 2, ["parallel.dp_shard=2", "parallel.ep=2"]),
         (["parallel.tp=2"], 2, ["parallel.pp=2"]),
+        (["parallel.dp_shard=2", "parallel.ep=2", "checkpoint.async_save=true"], 1, []),
     ],
-    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2", "tp2->pp2"],
+    ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2", "tp2->pp2",
+         "fsdp2-ep2-async->1"],
 )
 def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
     """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""

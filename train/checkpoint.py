@@ -134,43 +134,69 @@ def find_latest(out_dir: str) -> Optional[Path]:
 
 
 # ---- save ---------------------------------------------------------------------------------
+class PendingSave:
+    """A checkpoint whose shards are being written in the background (checkpoint.async_save).
+
+    `finish()` waits for this rank's writes, then does what makes the checkpoint visible — the
+    meta file, the rename and the `latest` pointer — exactly as a synchronous save does.
+    """
+
+    def __init__(self, future, partial: Path, final: Path, meta: dict, keep: int):
+        self.future, self.partial, self.final, self.meta, self.keep = future, partial, final, meta, keep
+
+    def finish(self) -> Path:
+        if self.future is not None:
+            self.future.result()
+        _barrier()
+        if _rank() == 0:
+            root = self.partial.parent
+            (self.partial / META).write_text(json.dumps(self.meta, indent=1))
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            os.replace(self.partial, self.final)
+            tmp = root / f"{LATEST}.tmp"
+            tmp.write_text(self.final.name)
+            os.replace(tmp, root / LATEST)  # the pointer moves last
+            _prune(root, self.keep)
+        _barrier()
+        return self.final
+
+
 def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_state: dict, run_config,
-                    keep: int = 2, extra: Optional[dict] = None) -> Path:
-    """Writes step `step` atomically (all ranks call this), then prunes to the last `keep`."""
+                    keep: int = 2, extra: Optional[dict] = None, async_save: bool = False, process_group=None):
+    """Writes step `step` atomically (all ranks call this), then prunes to the last `keep`.
+
+    With `async_save`, returns a PendingSave once the state is staged in host memory; training
+    goes on while the shards are written, and `finish()` (called before the next save and at the
+    end of the run) makes the checkpoint visible; `process_group` (a gloo group of its own) keeps
+    the background writer's collectives apart from training's. Otherwise returns the final
+    directory.
+    """
     root = checkpoint_root(out_dir)
     final = step_dir(out_dir, step)
     partial = root / f"{final.name}.partial"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        (partial / "rng").mkdir(parents=True)
     _barrier()
-    state = {**model_entries(model), **optimizer_entries(model, optimizer)}
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(partial))
-    (partial / "rng").mkdir(exist_ok=True)
     torch.save({"cpu": torch.get_rng_state()}, partial / "rng" / f"rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "data": data_state,
-            "model": asdict(run_config.model),
-            "parallel": asdict(run_config.parallel),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "saved_at": time.time(),
-            **(extra or {}),
-        }
-        (partial / META).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = root / f"{LATEST}.tmp"
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)  # the pointer moves last
-        _prune(root, keep)
-    _barrier()
-    return final
+    state = {**model_entries(model), **optimizer_entries(model, optimizer)}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "data": data_state,
+        "model": asdict(run_config.model),
+        "parallel": asdict(run_config.parallel),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "saved_at": time.time(),
+        **(extra or {}),
+    }
+    with _quiet_single_process():
+        if async_save:
+            future = dcp.async_save(state, checkpoint_id=str(partial), process_group=process_group)
+            return PendingSave(future, partial, final, meta, keep)
+        dcp.save(state, checkpoint_id=str(partial))
+    return PendingSave(None, partial, final, meta, keep).finish()
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -127,9 +127,6 @@ class RunConfig:
             raise ConfigError(f"train.fp8: must be one of {FP8_BACKENDS}")
         if t.fp8 == "te":
             raise ConfigError("train.fp8=te: the Transformer Engine path is not implemented yet; use train.fp8=torchao")
-        if self.checkpoint.async_save:
-            raise ConfigError("checkpoint.async_save=true: asynchronous saving is not implemented yet; "
-                              "use checkpoint.async_save=false")
         if self.checkpoint.keep < 0 or self.checkpoint.every < 0:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be >= 0")
         if t.compile:

@@ -235,6 +235,9 @@ class Trainer:
         self.step = 0
         self.result = TrainResult(steps=t.steps)
         self.bad_streak = 0
+        self.pending_save = None
+        self.checkpoint_group = (dist.new_group(backend="gloo")
+                                 if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
         resume = resolve_resume(cfg.checkpoint.resume, cfg.out_dir)
         if resume is not None:
@@ -338,9 +341,20 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
         c = self.cfg.checkpoint
-        path = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
-                               self.cfg, keep=c.keep)
-        self._print(f"saved checkpoint {path}")
+        self.finish_pending_save()
+        result = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
+                                 self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group)
+        if c.async_save:
+            self.pending_save = result
+            self._print(f"writing checkpoint for step {self.step} in the background")
+        else:
+            self._print(f"saved checkpoint {result}")
+
+    def finish_pending_save(self) -> None:
+        if self.pending_save is not None:
+            path = self.pending_save.finish()
+            self.pending_save = None
+            self._print(f"saved checkpoint {path}")
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -364,6 +378,7 @@ class Trainer:
                 if not last and preemption.should_stop(self.ctx.group("world"), self.device):
                     if not (c.every and self.step % c.every == 0):
                         self.save()
+                    self.finish_pending_save()
                     if self.ctx.is_log_rank:  # the SLURM template requeues when it finds this
                         (Path(self.cfg.out_dir) / "REQUEUE").write_text(
                             f"saved step {self.step} on {preemption.signal_name}\n")
@@ -371,6 +386,7 @@ class Trainer:
                                 f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
                     self.logger.close()
                     raise SystemExit(REQUEUE_EXIT_CODE)
+        self.finish_pending_save()
         self.logger.close()
         return self.result
 
