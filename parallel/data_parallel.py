@@ -8,7 +8,7 @@ parallelize.sync_gradients).
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 
 
@@ -23,3 +23,12 @@ def apply_fsdp(model: nn.Module, dp_mesh, expert_parallel: bool) -> None:
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=_placement)
     fully_shard(model, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=_placement)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP keeps after a forward without backward (evaluation):
+    the root module does not reshard after forward, and until it does its parameters are not the
+    sharded ones the optimizer and the checkpoint refer to."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -114,3 +114,13 @@ class Pipeline:
             return losses
         self.schedule.step(*args)
         return []
+
+    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Forward only over the micro-batches; the last stage's losses, [] elsewhere."""
+        args = (tokens,) if self.has_first else ()
+        losses: list[torch.Tensor] = []
+        if self.has_last:
+            self.schedule.eval(*args, target=labels, losses=losses)
+        else:
+            self.schedule.eval(*args)
+        return losses

@@ -14,7 +14,7 @@ from distributed import free_port
 ROOT = Path(__file__).parents[1]
 
 BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.eval_every=0", "logging.progress=false", "train.log_every=1"]
+        "train.global_batch_size=4", "train.eval_every=2", "logging.progress=false", "train.log_every=1"]
 
 
 def _run(out_dir, nproc: int, *overrides) -> list[dict]:
@@ -28,6 +28,13 @@ def _run(out_dir, nproc: int, *overrides) -> list[dict]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _val_losses(lines: list[dict]) -> list[float]:
+    """Validation losses (steps 2 and 4): the same held-out set is read in every layout."""
+    val = [l["val_loss"] for l in lines if "val_loss" in l]
+    assert len(val) == 2
+    return val
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +61,7 @@ def test_layout_matches_single_process(tmp_path, reference, layout):
     lines = _run(tmp_path, nproc, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
+    assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
     layer = lines[0]["moe"]["layers.0.ffn"]
     ref_layer = reference[0]["moe"]["layers.0.ffn"]
     assert layer["expert_load"] == pytest.approx(ref_layer["expert_load"])  # counts summed over dp
@@ -124,11 +132,12 @@ def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, nproc, la
     """Layouts needing one sequence per micro-batch (pipelines; 4 data-parallel ranks). With
     pipelining, aux losses attached on every stage reach the gradients exactly as without it;
     with dp4 x ep2 each expert has two replicas whose gradients are averaged."""
-    lines = _run(tmp_path, nproc, *PP, "train.eval_every=0", *layout)
+    lines = _run(tmp_path, nproc, *PP, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in pp_reference], rel=1e-4)
     assert sorted(lines[-1]["moe"]) == sorted(pp_reference[-1]["moe"])  # every stage's layers reported
     assert lines[-1]["intra_group_aux_loss"] == pytest.approx(pp_reference[-1]["intra_group_aux_loss"], rel=1e-4)
+    assert _val_losses(lines) == pytest.approx(_val_losses(pp_reference), rel=1e-5)
 
 
 @pytest.mark.multirank

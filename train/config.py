@@ -34,7 +34,7 @@ class TrainConfig:
     fp8_recipe: str = "delayed"  # TE recipe: delayed | current | block | mxfp8
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 50  # 0 disables validation
-    eval_iters: int = 4
+    eval_iters: int = 4  # validation steps of global_batch_size sequences each (same set in every layout)
     log_every: int = 10
     compile: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
@@ -82,9 +82,6 @@ class RunConfig:
             if p.dp_shard > 1:
                 raise ConfigError("parallel.dp_shard: FSDP together with pipeline parallel is not supported yet; "
                                   "use parallel.dp_replicate with pp > 1")
-            if self.train.eval_every:
-                raise ConfigError("train.eval_every: validation is not implemented for pipeline parallel yet; "
-                                  "set train.eval_every=0 with parallel.pp > 1")
             if n_micro and n_micro < p.pp * p.pp_virtual_stages and p.pp_schedule != "gpipe":
                 raise ConfigError(f"train.global_batch_size: {n_micro} micro-batches per step is fewer than the "
                                   f"{p.pp * p.pp_virtual_stages} pipeline stages; raise global_batch_size or lower "

@@ -21,6 +21,7 @@ from torch import nn
 
 from mohge.model.moe.layer import moe_layers, recording_suspended, set_group_aux_active
 from mohge.model.transformer import build_model
+from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, sync_gradients
@@ -180,16 +181,34 @@ def status_line(step: int, total: int, m: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: Optional[torch.dtype], ctx) -> float:
+def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: Optional[torch.dtype], ctx,
+             pipeline=None) -> float:
+    """Mean validation loss over `train.eval_iters` global batches: each data-parallel rank reads
+    its `grad_accum_steps` micro-batches of each, so the held-out set (and the value) is the same in
+    every layout. Routing statistics are not recorded."""
     model.eval()
     total, count = 0.0, 0
-    with recording_suspended(model), loss_context(ctx.dims.tp > 1):
-        for tokens, labels in data.valid_batches(cfg.train.eval_iters):
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    n_micro = cfg.grad_accum_steps
+    batches = list(data.valid_batches(cfg.train.eval_iters * n_micro))
+    with recording_suspended(model), loss_context(ctx.dims.tp > 1), \
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if pipeline is None:
+            for tokens, labels in batches:
                 total += scalar(lm_loss(model(tokens.to(device)), labels.to(device)))
-            count += 1
+                count += 1
+        else:
+            for i in range(0, len(batches), n_micro):
+                chunk = batches[i : i + n_micro]
+                losses = pipeline.evaluate(torch.cat([b[0] for b in chunk]).to(device),
+                                           torch.cat([b[1] for b in chunk]).to(device))
+                total += sum(scalar(x) for x in losses)
+                count += len(chunk)
+    reshard(model)
     model.train()
     value = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if pipeline is not None:  # only the last stage has losses: share them along the pipeline
+        value[1] = count if pipeline.has_last else 0
+        dist.all_reduce(value, group=ctx.group("pp"))
     if ctx.distributed and ctx.dims.dp > 1:
         dist.all_reduce(value, group=ctx.group("dp"))
     return float(value[0] / value[1].clamp_min(1))
@@ -214,7 +233,7 @@ def build_data_source(cfg: RunConfig, ctx: ParallelContext):
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dims.dp,
         train_samples=t.steps * t.global_batch_size,
-        valid_samples=max(t.eval_iters, 1) * t.micro_batch_size * ctx.dims.dp,
+        valid_samples=max(t.eval_iters, 1) * t.global_batch_size,
     )
 
 
@@ -412,7 +431,8 @@ class Trainer:
         metrics.update(throughput(self.cfg.model, t.seq_len, metrics["tokens_per_s"],
                                   measured_group_fractions(moe["moe"]), self.peak_tflops, self.ctx.dims.world_size))
         if t.eval_every and (self.step % t.eval_every == 0 or last):
-            metrics["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.amp, self.ctx)
+            metrics["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.amp, self.ctx,
+                                           self.pipeline)
             self.result.val_losses.append((self.step, metrics["val_loss"]))
         self.logger.log(metrics, status=status_line(self.step, t.steps, metrics))
 
