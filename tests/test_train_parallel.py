@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from distributed import free_port
 
 ROOT = Path(__file__).parents[1]
@@ -30,6 +31,22 @@ def _run(out_dir, nproc: int, *overrides) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _final_weights(out_dir) -> dict:
+    """Every model tensor of the run's final checkpoint at full size (experts joined)."""
+    from mohge.launch.convert import load_consolidated
+    from mohge.train.checkpoint import step_dir
+
+    return load_consolidated(step_dir(str(out_dir), 4))
+
+
+def _assert_same_weights(out_dir, reference_dir) -> None:
+    """After 4 optimizer steps every parameter equals the single-process run's."""
+    got, want = _final_weights(out_dir), _final_weights(reference_dir)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def _val_losses(lines: list[dict]) -> list[float]:
     """Validation losses (steps 2 and 4): the same held-out set is read in every layout."""
     val = [l["val_loss"] for l in lines if "val_loss" in l]
@@ -38,8 +55,13 @@ def _val_losses(lines: list[dict]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("ref"), 1)
+def reference_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ref")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return _run(reference_dir, 1)
 
 
 @pytest.mark.multirank
@@ -56,12 +78,13 @@ def reference(tmp_path_factory):
     ],
     ids=["dp2", "fsdp2", "fsdp2-ep2", "ep2-coupled", "tp2-sp", "tp2", "dp2-tp2-ep2"],
 )
-def test_layout_matches_single_process(tmp_path, reference, layout):
+def test_layout_matches_single_process(tmp_path, reference, reference_dir, layout):
     nproc = 4 if "parallel.tp=2" in layout and "parallel.ep=2" in layout else 2
     lines = _run(tmp_path, nproc, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
     assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
+    _assert_same_weights(tmp_path, reference_dir)
     layer = lines[0]["moe"]["layers.0.ffn"]
     ref_layer = reference[0]["moe"]["layers.0.ffn"]
     assert layer["expert_load"] == pytest.approx(ref_layer["expert_load"])  # counts summed over dp
@@ -96,7 +119,7 @@ def test_bad_layout_fails_before_any_work(tmp_path):
     ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2", "tp2->pp2",
          "fsdp2-ep2-async->1"],
 )
-def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_nproc, resume_layout):
+def test_resume_under_another_layout(tmp_path, reference, reference_dir, save_layout, resume_nproc, resume_layout):
     """Save after 2 of 4 steps under one layout, finish under another: same losses as 4 steps."""
     nproc = 2 if save_layout else 1  # every layout here has 2 processes
     _run(tmp_path, nproc, *save_layout, "train.steps=2",
@@ -105,14 +128,20 @@ def test_resume_under_another_layout(tmp_path, reference, save_layout, resume_np
     resumed = [l["lm_loss"] for l in lines]
     assert len(resumed) == 4
     assert resumed == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
+    _assert_same_weights(tmp_path, reference_dir)
 
 
 PP = ["model.n_layers=4", "train.micro_batch_size=1"]
 
 
 @pytest.fixture(scope="module")
-def pp_reference(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("ppref"), 1, *PP)
+def pp_reference_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ppref")
+
+
+@pytest.fixture(scope="module")
+def pp_reference(pp_reference_dir):
+    return _run(pp_reference_dir, 1, *PP)
 
 
 @pytest.mark.multirank
@@ -128,22 +157,25 @@ def pp_reference(tmp_path_factory):
     ],
     ids=["pp2-1f1b", "pp2-interleaved", "tp2-pp2", "tp2-ep2-pp2", "dp4-ep2", "hsdp-ep2"],
 )
-def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, nproc, layout):
+def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, pp_reference_dir, nproc, layout):
     """Layouts needing one sequence per micro-batch (pipelines; 4 data-parallel ranks). With
     pipelining, aux losses attached on every stage reach the gradients exactly as without it;
     with dp4 x ep2 each expert has two replicas whose gradients are averaged."""
     lines = _run(tmp_path, nproc, *PP, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
+    _assert_same_weights(tmp_path, pp_reference_dir)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in pp_reference], rel=1e-4)
     assert sorted(lines[-1]["moe"]) == sorted(pp_reference[-1]["moe"])  # every stage's layers reported
     assert lines[-1]["intra_group_aux_loss"] == pytest.approx(pp_reference[-1]["intra_group_aux_loss"], rel=1e-4)
     assert _val_losses(lines) == pytest.approx(_val_losses(pp_reference), rel=1e-5)
+    _assert_same_weights(tmp_path, pp_reference_dir)
 
 
 @pytest.mark.multirank
-def test_resume_ep2_tp2_as_ep4(tmp_path, pp_reference):
+def test_resume_ep2_tp2_as_ep4(tmp_path, pp_reference, pp_reference_dir):
     """Save under dp2 x tp2 x ep2 (4 processes), finish under dp4 x ep4: same losses."""
     _run(tmp_path, 4, *PP, "parallel.dp_replicate=2", "parallel.tp=2", "parallel.ep=2", "train.steps=2",
          "checkpoint.every=2", "train.lr_decay_steps=4")
     lines = _run(tmp_path, 4, *PP, "parallel.dp_replicate=4", "parallel.ep=4", "checkpoint.resume=auto")
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
+    _assert_same_weights(tmp_path, pp_reference_dir)
