@@ -3,6 +3,10 @@
 
     python bench/bench_gpu.py --out runs/bench_gpu.json [--steps 30] [--stability-steps 200]
 
+With --fp8 torchao (the default) it also runs the float8 variants: dense projections only
+("-fp8"), and dense projections plus the routed experts' grouped GEMMs ("-fp8-experts",
+train.fp8_experts=true); --no-fp8-experts leaves the latter out.
+
 Tokens are synthetic (random walks on a fixed Markov chain, data/synthetic.py): learnable, so
 loss curves mean something, and free of any data pipeline cost. Prints a table, writes JSON and,
 with matplotlib available, a PNG of the stability run's loss curves next to the JSON.
@@ -91,11 +95,11 @@ def bench_grouped_gemm(tokens: int, experts: int, d_model: int = 1024) -> list[d
 
 
 def train_run(cfg: ModelConfig, steps: int, batch: int, seq_len: int, compute: str, seed: int = 0,
-              profile_experts: bool = False, fp8: str = "none") -> dict:
+              profile_experts: bool = False, fp8: str = "none", fp8_experts: bool = False) -> dict:
     cfg.moe.expert_compute = compute
     torch.manual_seed(seed)
     model = build_model(cfg, "meta", expert_compute=compute)
-    converted = apply_fp8(model, fp8, torch.device("cuda"))
+    converted = apply_fp8(model, fp8, torch.device("cuda"), experts=fp8_experts)
     model.to_empty(device="cuda")
     model.init_weights(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -148,7 +152,7 @@ def train_run(cfg: ModelConfig, steps: int, batch: int, seq_len: int, compute: s
     flops_token = cfg.flops_per_token(seq_len, fractions)
     peak = device_peak_tflops(torch.device("cuda"))
     tflops = flops_token * tokens_per_s / 1e12
-    return {"compute": compute, "fp8": fp8, "fp8_linears": converted, "params": cfg.num_params(), "active_params": cfg.active_params_per_token(fractions),
+    return {"compute": compute, "fp8": fp8, "fp8_experts": fp8_experts, "fp8_linears": converted, "params": cfg.num_params(), "active_params": cfg.active_params_per_token(fractions),
             "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": losses,
             "group_fractions": fractions,
@@ -164,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--stability-steps", type=int, default=200)
     parser.add_argument("--fp8", choices=("none", "torchao"), default="torchao")
+    parser.add_argument("--no-fp8-experts", dest="fp8_experts", action="store_false",
+                        help="skip the runs with float8 routed-expert GEMMs")
     parser.add_argument("--out", default="runs/bench_gpu.json")
     args = parser.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -185,20 +191,26 @@ def main(argv=None) -> int:
         runs[f"{name}-grouped-profiled"] = train_run(cfg, 12, args.batch, args.seq_len, "grouped", profile_experts=True)
         if args.fp8 != "none":
             runs[f"{name}-grouped-fp8"] = train_run(cfg, args.steps, args.batch, args.seq_len, "grouped", fp8=args.fp8)
+        if args.fp8 != "none" and args.fp8_experts:
+            runs[f"{name}-grouped-fp8-experts"] = train_run(cfg, args.steps, args.batch, args.seq_len, "grouped",
+                                                            fp8=args.fp8, fp8_experts=True)
         torch.cuda.empty_cache()
     report["throughput"] = {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in runs.items()}
     print(f"\ntraining throughput (bf16 autocast, batch {args.batch} x {args.seq_len}, {args.layers} layers):")
-    print(f"{'run':<24}{'params':>10}{'active':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'experts fwd':>12}")
+    print(f"{'run':<28}{'params':>10}{'active':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'experts fwd':>12}")
     for k, v in runs.items():
         share = f"{v['expert_fwd_share']:.1%}" if v["expert_fwd_share"] is not None else "-"
         mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "-"
-        print(f"{k:<24}{v['params'] / 1e9:>9.2f}B{v['active_params'] / 1e6:>9.0f}M{v['tokens_per_s']:>10.0f}"
+        print(f"{k:<28}{v['params'] / 1e9:>9.2f}B{v['active_params'] / 1e6:>9.0f}M{v['tokens_per_s']:>10.0f}"
               f"{v['tflops']:>9.1f}{mfu:>7}{v['peak_mem_gb']:>8.1f}{share:>12}")
 
     small = mohge_config(4, 2)
     curves = {c: train_run(small, args.stability_steps, 4, 1024, c)["losses"] for c in ("loop", "grouped")}
     if args.fp8 != "none":
         curves[f"grouped-fp8-{args.fp8}"] = train_run(small, args.stability_steps, 4, 1024, "grouped", fp8=args.fp8)["losses"]
+    if args.fp8 != "none" and args.fp8_experts:
+        curves[f"grouped-fp8-experts-{args.fp8}"] = train_run(small, args.stability_steps, 4, 1024, "grouped",
+                                                              fp8=args.fp8, fp8_experts=True)["losses"]
     tail = min(50, args.stability_steps)
     summary = {name: {"first": c[0], "last": c[-1], f"mean_last_{tail}": sum(c[-tail:]) / tail,
                       "max_rel_dev_vs_loop": max(abs(a - b) / abs(a) for a, b in zip(curves["loop"], c))}
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
                            "summary": summary}
     print(f"\nstability, {args.stability_steps} steps (bf16 loop = reference):")
     for name, s_ in summary.items():
-        print(f"  {name:<22} loss {s_['first']:.3f} -> {s_['last']:.3f}, mean of last {tail} "
+        print(f"  {name:<30} loss {s_['first']:.3f} -> {s_['last']:.3f}, mean of last {tail} "
               f"{s_[f'mean_last_{tail}']:.4f}, max rel. deviation from loop {s_['max_rel_dev_vs_loop']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

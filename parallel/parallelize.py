@@ -78,7 +78,7 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if cfg.train.fp8 != "none":
         from mohge.train.fp8 import apply_fp8
 
-        apply_fp8(model, cfg.train.fp8, ctx.device, tensor_parallel=dims.tp > 1)
+        apply_fp8(model, cfg.train.fp8, ctx.device, tensor_parallel=dims.tp > 1, experts=cfg.train.fp8_experts)
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)

@@ -41,3 +41,42 @@ def test_expert_compute_selection():
     assert isinstance(build_model(cfg, "meta").layers["1"].ffn.experts.groups[0], LoopExpertGroup)
     with pytest.raises(ConfigError, match="multiple of 8 for expert_compute=grouped"):
         compose_config("demo", ["model.moe.expert_compute=grouped", "model.moe.groups.0.ffn_hidden_size=100"])
+
+
+@pytest.fixture
+def torchao_moe_training(monkeypatch):
+    """Makes `import torchao.prototype.moe_training` succeed without torchao (not installed on
+    CPU); the float8 kernel itself only runs on a GPU."""
+    import sys
+    import types
+
+    for name in ("torchao", "torchao.prototype", "torchao.prototype.moe_training"):
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+
+def test_fp8_experts_selection(torchao_moe_training):
+    from mohge.train.fp8 import FP8_ALIGN, apply_fp8_experts, float8_grouped_mm
+
+    cfg = compose_config("demo", ["model.moe.expert_compute=grouped"]).model
+    model = build_model(cfg, "meta", expert_compute="grouped")
+    groups = [m for m in model.modules() if isinstance(m, GroupedGemmExpertGroup)]
+    assert apply_fp8_experts(model) == len(groups) > 0
+    assert all(g.gemm is float8_grouped_mm and g.align == FP8_ALIGN for g in groups)
+    with pytest.raises(ConfigError, match="train.fp8_experts: needs model.moe.expert_compute=grouped"):
+        apply_fp8_experts(build_model(cfg, "meta", expert_compute="loop"))
+    odd = compose_config("demo", ["model.moe.expert_compute=grouped", "model.moe.groups.0.ffn_hidden_size=136"]).model
+    with pytest.raises(ConfigError, match="ffn_hidden_size 136 .* multiples of 16"):
+        apply_fp8_experts(build_model(odd, "meta", expert_compute="grouped"))
+
+
+def test_fp8_experts_rejected_without_torchao_backend(monkeypatch):
+    import sys
+
+    from mohge.train.fp8 import apply_fp8_experts
+
+    with pytest.raises(ConfigError, match="train.fp8_experts=true: needs train.fp8=torchao"):
+        compose_config("tiny_mohge", ["train.fp8_experts=true"])
+    monkeypatch.setitem(sys.modules, "torchao.prototype.moe_training", None)  # import fails
+    with pytest.raises(ConfigError, match="train.fp8_experts: torchao's moe_training is not importable"):
+        apply_fp8_experts(build_model(compose_config("tiny_mohge").model, "meta", expert_compute="grouped"))

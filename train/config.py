@@ -32,6 +32,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     fp8: str = "none"  # "none" | "te" | "torchao"
     fp8_recipe: str = "delayed"  # TE recipe: delayed | current | block | mxfp8
+    fp8_experts: bool = False  # torchao: routed experts' grouped GEMMs in float8 too (prototype)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 50  # 0 disables validation
     eval_iters: int = 4  # validation steps of global_batch_size sequences each (same set in every layout)
@@ -124,6 +125,8 @@ class RunConfig:
             raise ConfigError(f"train.fp8: must be one of {FP8_BACKENDS}")
         if t.fp8 == "te":
             raise ConfigError("train.fp8=te: the Transformer Engine path is not implemented yet; use train.fp8=torchao")
+        if t.fp8_experts and t.fp8 != "torchao":
+            raise ConfigError(f"train.fp8_experts=true: needs train.fp8=torchao (got train.fp8={t.fp8})")
         if self.checkpoint.keep < 0 or self.checkpoint.every < 0:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be >= 0")
         if t.compile:

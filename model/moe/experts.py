@@ -48,20 +48,57 @@ class LoopExpertGroup(ExpertGroup):
         return torch.cat(outs, dim=0)
 
 
+def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] in segments ending at offs, w_t [N, K, M]: segment i times w_t[i] -> [S, M]."""
+    return F.grouped_mm(x, w_t, offs=offs)
+
+
 class GroupedGemmExpertGroup(ExpertGroup):
+    """The group as one grouped GEMM per projection.
+
+    `gemm(x, w_t, offs)` is the kernel (bf16 `grouped_mm`; FP8 training swaps in a float8 one from
+    outside, see mohge.train.fp8) and `align` the token count each expert's segment must be a
+    multiple of for it (float8 kernels: 16); segments are zero-padded to it and the padding rows
+    dropped after, so they change neither outputs nor gradients.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, ffn_hidden_size: int):
+        super().__init__(num_experts, d_model, ffn_hidden_size)
+        self.gemm = grouped_mm
+        self.align = 1
+
     def forward(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self.num_experts == 0 or x_SD.shape[0] == 0:
             # Still touch the weights so every parameter is part of the graph.
             return x_SD.new_zeros(x_SD.shape) + 0.0 * self.w2.sum()
-        offs = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
         # grouped_mm is not covered by autocast: cast to the autocast dtype (bf16) by hand.
         device_type = x_SD.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_SD.dtype
         x_SD = x_SD.to(dtype)
-        gate = F.grouped_mm(x_SD, self.w1.to(dtype).transpose(-2, -1), offs=offs)
-        up = F.grouped_mm(x_SD, self.w3.to(dtype).transpose(-2, -1), offs=offs)
+        rows = None
+        if self.align > 1:
+            x_SD, counts, rows = pad_segments(x_SD, counts, self.align)
+        offs = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
+        gate = self.gemm(x_SD, self.w1.to(dtype).transpose(-2, -1), offs)
+        up = self.gemm(x_SD, self.w3.to(dtype).transpose(-2, -1), offs)
         h = (F.silu(gate) * up).contiguous()
-        return F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)
+        out = self.gemm(h, self.w2.to(dtype).transpose(-2, -1), offs)
+        return out if rows is None else out[rows]
+
+
+def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Zero-pads each expert's segment of x_SD to a multiple of `align` rows.
+
+    Returns the padded tensor, the padded counts, and the row of each original token in it (so
+    `padded[rows]` is x_SD again). The row index is built on the host from `counts`, which the
+    caller already holds, and copied once: no device sync.
+    """
+    padded = [-(-n // align) * align for n in counts]
+    starts = torch.tensor([0, *padded[:-1]]).cumsum(0)
+    rows = torch.cat([torch.arange(n) + start for n, start in zip(counts, starts.tolist())])
+    rows = rows.to(x_SD.device, non_blocking=True)
+    out = x_SD.new_zeros(sum(padded), x_SD.shape[-1]).index_copy(0, rows, x_SD)
+    return out, padded, rows
 
 
 EXPERT_GROUP_CLASSES = {"loop": LoopExpertGroup, "grouped": GroupedGemmExpertGroup}
