@@ -66,7 +66,7 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
         from mohge.parallel.pipeline import split_model
 
         p = cfg.parallel
-        model.pipeline_stages = split_model(model, ctx.coords["pp"], dims.pp, p.pp_virtual_stages, p.pp_layer_split)
+        stage_specs = split_model(model, ctx.coords["pp"], dims.pp, p.pp_virtual_stages, p.pp_layer_split)
     if dims.ep > 1:
         from mohge.parallel.expert_parallel import apply_expert_parallel
 
@@ -82,10 +82,14 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+    if dims.pp > 1:
+        from mohge.parallel.pipeline import build_stages
+
+        model.pipeline_stages = build_stages(model, stage_specs)
     if dims.dp_shard > 1:
         from mohge.parallel.data_parallel import apply_fsdp
 
-        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1)
+        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1, stages=getattr(model, "pipeline_stages", None))
     return model
 
 

@@ -49,11 +49,13 @@ def prune_for_stages(model: nn.Module, keep_layers: set[int], first: bool, last:
 
 
 class StageModule(nn.Module):
-    """One pipeline stage: a view of the pruned model's modules (parameters are shared)."""
+    """Pipeline stage `index`: a view of the pruned model's modules (parameters are shared).
+    Under FSDP each view is the root unit of its stage (see data_parallel.apply_fsdp)."""
 
-    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+    def __init__(self, model: nn.Module, index: int, layers: range, first: bool, last: bool):
         super().__init__()
         object.__setattr__(self, "_model", model)  # for the rope table; not a registered child
+        self.index, self.first, self.last = index, first, last
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleList(model.layers[str(i)] for i in layers)
         self.norm = model.norm if last else None
@@ -71,8 +73,8 @@ class StageModule(nn.Module):
 
 
 def split_model(model: nn.Module, pp_rank: int, pp: int, virtual: int, split: list[int] | None):
-    """Prunes `model` for this rank; returns [(stage index, StageModule factory)], built after
-    the model is materialised (the views must reference the final modules)."""
+    """Prunes `model` for this rank; returns its stages as (index, layers, first, last), for
+    `build_stages` once every module swap (FP8, activation checkpointing) has been done."""
     num_stages = pp * virtual
     ranges = layer_split(len(model.layers), num_stages, split)
     mine = stage_ids(pp_rank, pp, virtual)
@@ -81,20 +83,21 @@ def split_model(model: nn.Module, pp_rank: int, pp: int, virtual: int, split: li
     return [(s, ranges[s], s == 0, s == num_stages - 1) for s in mine]
 
 
+def build_stages(model: nn.Module, specs: list[tuple[int, range, bool, bool]]) -> list[StageModule]:
+    """The StageModule views of this rank's stages; they must see the final modules."""
+    return [StageModule(model, index, layers, first, last) for index, layers, first, last in specs]
+
+
 class Pipeline:
     """The schedule over this rank's stages; `step` runs one optimizer step's micro-batches."""
 
-    def __init__(self, model: nn.Module, stages: list, pp: int, group, device, n_micro: int, schedule: str, loss_fn):
+    def __init__(self, stages: list[StageModule], pp: int, group, device, n_micro: int, schedule: str, loss_fn):
         from torch.distributed import pipelining
 
         num_stages = pp * len(stages)
-        self.stage_modules = [StageModule(model, layers, first, last) for _, layers, first, last in stages]
-        pipeline_stages = [
-            pipelining.PipelineStage(module, index, num_stages, device, group=group)
-            for module, (index, *_rest) in zip(self.stage_modules, stages)
-        ]
-        self.has_first = any(first for *_x, first, _last in stages)
-        self.has_last = any(last for *_x, last in stages)
+        pipeline_stages = [pipelining.PipelineStage(m, m.index, num_stages, device, group=group) for m in stages]
+        self.has_first = any(m.first for m in stages)
+        self.has_last = any(m.last for m in stages)
         cls = getattr(pipelining, SCHEDULES[schedule])
         if schedule == "interleaved_1f1b":
             self.schedule = cls(pipeline_stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)

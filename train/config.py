@@ -80,9 +80,6 @@ class RunConfig:
                 self.train.micro_batch_size * p.dp_replicate * p.dp_shard) == 0 else 0
             if self.model.tie_embeddings:
                 raise ConfigError("model.tie_embeddings: not supported with parallel.pp > 1; set it to false")
-            if p.dp_shard > 1:
-                raise ConfigError("parallel.dp_shard: FSDP together with pipeline parallel is not supported yet; "
-                                  "use parallel.dp_replicate with pp > 1")
             if n_micro and n_micro < p.pp * p.pp_virtual_stages and p.pp_schedule != "gpipe":
                 raise ConfigError(f"train.global_batch_size: {n_micro} micro-batches per step is fewer than the "
                                   f"{p.pp * p.pp_virtual_stages} pipeline stages; raise global_batch_size or lower "
@@ -98,9 +95,6 @@ class RunConfig:
                     raise ConfigError(f"{name}: {value} must be divisible by parallel.tp={tp}")
             if m.tie_embeddings:
                 raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1; set it to false")
-            if self.parallel.dp_shard > 1:
-                raise ConfigError("parallel.dp_shard: FSDP together with tensor parallel is not supported yet; "
-                                  "use parallel.dp_replicate for data parallel with tp > 1")
             if self.parallel.sequence_parallel and self.train.seq_len % tp:
                 raise ConfigError(f"train.seq_len: {self.train.seq_len} must be divisible by parallel.tp={tp} "
                                   "with sequence parallel (or set parallel.sequence_parallel=false)")

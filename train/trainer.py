@@ -272,7 +272,7 @@ class Trainer:
         if self.ctx.dims.pp > 1:
             from mohge.parallel.pipeline import Pipeline
 
-            self.pipeline = Pipeline(self.model, self.model.pipeline_stages, self.ctx.dims.pp, self.ctx.group("pp"),
+            self.pipeline = Pipeline(self.model.pipeline_stages, self.ctx.dims.pp, self.ctx.group("pp"),
                                      self.device, self.n_micro, cfg.parallel.pp_schedule, lm_loss)
         d = self.ctx.dims
         self._print(
