@@ -27,7 +27,7 @@ from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup
 from mohge.model.transformer import build_model
 from mohge.train.fp8 import apply_fp8
-from mohge.train.throughput import device_peak_tflops
+from mohge.train.throughput import device_peak_tflops, throughput
 
 WIDTHS = [384, 512, 640, 768, 896, 1024, 1152, 1280]
 
@@ -149,11 +149,9 @@ def train_run(cfg: ModelConfig, steps: int, batch: int, seq_len: int, compute: s
     offsets = cfg.moe.group_offsets()
     fractions = [float(slots[offsets[g]:offsets[g + 1]].sum() / slots.sum()) for g in range(cfg.moe.num_groups)]
     tokens_per_s = (steps - timed_from) * batch * seq_len / elapsed
-    flops_token = cfg.flops_per_token(seq_len, fractions)
-    peak = device_peak_tflops(torch.device("cuda"))
-    tflops = flops_token * tokens_per_s / 1e12
+    rates = throughput(cfg, seq_len, tokens_per_s, fractions, device_peak_tflops(torch.device("cuda")))
     return {"compute": compute, "fp8": fp8, "fp8_experts": fp8_experts, "fp8_linears": converted, "params": cfg.num_params(), "active_params": cfg.active_params_per_token(fractions),
-            "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "tokens_per_s": tokens_per_s, "tflops": rates["tflops"], "mfu": rates.get("mfu"),
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "losses": losses,
             "group_fractions": fractions,
             "expert_fwd_share": (expert_time[0] / 1e3) / elapsed if profile_experts else None}

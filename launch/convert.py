@@ -15,7 +15,6 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mohge.train.checkpoint import FORMAT_VERSION, LATEST, META, CheckpointError, is_complete, resolve_resume
+from mohge.train.checkpoint import (FORMAT_VERSION, LATEST, META, CheckpointError, checkpoint_root, is_complete,
+                                    quiet_single_process, read_meta, resolve_resume, split_entry, step_dir)
 
 EXPERT_KEY = re.compile(r"^(?P<name>.+)/expert/(?P<row>\d+)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,8 +44,7 @@ def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
         for key, meta in metadata.items()
         if isinstance(meta, TensorStorageMetadata) and not key.startswith("optim/")
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     return join_experts(state)
 
@@ -67,12 +66,10 @@ def join_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of join_experts: one checkpoint entry per expert, as training saves them."""
     out = {}
     for name, tensor in state.items():
-        if ".experts." in name and tensor.dim() == 3:
-            out.update({f"{name}/expert/{r}": tensor[r].contiguous() for r in range(tensor.shape[0])})
-        else:
-            out[name] = tensor
+        out.update(split_entry(name, None, tensor.contiguous()))
     return out
 
 
@@ -80,7 +77,7 @@ def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, ma
     from safetensors.torch import save_file
 
     path = _checkpoint_dir(checkpoint)
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     state = load_consolidated(path)
     if dtype:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
@@ -140,18 +137,16 @@ def read_safetensors(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def to_dcp(input_dir: str, output: str) -> Path:
     config, state = read_safetensors(input_dir)
-    root = Path(output) / "checkpoints"
-    step_dir = root / "step_00000000"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(split_experts(state), checkpoint_id=str(step_dir))
+    target = step_dir(output, 0)
+    target.mkdir(parents=True, exist_ok=True)
+    with quiet_single_process():
+        dcp.save(split_experts(state), checkpoint_id=str(target))
     meta = {"format_version": FORMAT_VERSION, "step": 0, "data": {"consumed_samples": 0},
             "model": config["model"], "weights_only": True}
-    (step_dir / META).write_text(json.dumps(meta, indent=1))
-    (root / LATEST).write_text(step_dir.name)
-    assert is_complete(step_dir)
-    return step_dir
+    (target / META).write_text(json.dumps(meta, indent=1))
+    (checkpoint_root(output) / LATEST).write_text(target.name)
+    assert is_complete(target)
+    return target
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -104,6 +104,12 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh")
 
 
+def scalar(value: torch.Tensor) -> float:
+    """A loss as a float, also when tensor parallel made it a (replicated) DTensor."""
+    value = value.detach()
+    return float(value.full_tensor() if is_dtensor(value) else value)
+
+
 @torch.no_grad()
 def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
     """Averages gradients over data-parallel ranks so each equals the single-process gradient of

@@ -11,10 +11,12 @@ stage's outputs through autograd, so their gradients flow exactly as without pip
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.config import ConfigError
+from mohge.parallel.parallelize import scalar
 
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
@@ -94,6 +96,7 @@ class Pipeline:
     def __init__(self, stages: list[StageModule], pp: int, group, device, n_micro: int, schedule: str, loss_fn):
         from torch.distributed import pipelining
 
+        self.group, self.device = group, device
         num_stages = pp * len(stages)
         pipeline_stages = [pipelining.PipelineStage(m, m.index, num_stages, device, group=group) for m in stages]
         self.has_first = any(m.first for m in stages)
@@ -107,23 +110,25 @@ class Pipeline:
                                   "parallel.pp_schedule=interleaved_1f1b for virtual stages")
             self.schedule = cls(pipeline_stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Forward + backward of all micro-batches (stacked along dim 0); the last stage's
-        per-micro-batch losses, [] elsewhere."""
-        args = (tokens,) if self.has_first else ()
-        if self.has_last:
-            losses: list[torch.Tensor] = []
-            self.schedule.step(*args, target=labels, losses=losses)
-            return losses
-        self.schedule.step(*args)
-        return []
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward + backward of one step's (tokens, labels) micro-batches; the sum of their
+        losses, the same on every stage."""
+        return self._run(self.schedule.step, batches)
 
-    def evaluate(self, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Forward only over the micro-batches; the last stage's losses, [] elsewhere."""
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward only over the micro-batches; the sum of their losses, on every stage."""
+        return self._run(self.schedule.eval, batches)
+
+    def _run(self, run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        tokens = torch.cat([b[0] for b in batches]).to(self.device)
+        labels = torch.cat([b[1] for b in batches]).to(self.device)
         args = (tokens,) if self.has_first else ()
         losses: list[torch.Tensor] = []
         if self.has_last:
-            self.schedule.eval(*args, target=labels, losses=losses)
+            run(*args, target=labels, losses=losses)
         else:
-            self.schedule.eval(*args)
-        return losses
+            run(*args)
+        # The last stage has the losses; the others add zero, so every stage returns the sum.
+        total = torch.tensor(sum(scalar(x) for x in losses), dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return float(total)

@@ -31,7 +31,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from mohge.model.config import ConfigError
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -50,7 +49,7 @@ def _rank() -> int:
 
 
 @contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns that it assumes a single process when torch.distributed is not initialised."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -69,8 +68,9 @@ def _owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tenso
             yield (f"{mod_name}.{p_name}" if mod_name else p_name), module, p_name, param
 
 
-def _split(name: str, module: nn.Module, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A tensor's checkpoint entries: per expert row for expert weights, else itself."""
+def split_entry(name: str, module: Optional[nn.Module], tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A tensor's checkpoint entries: per expert row for expert weights (rows numbered by the
+    owning module's `expert_rows` under expert parallel, else 0..N-1), else itself."""
     rows = getattr(module, "expert_rows", None)
     if rows is None and not (tensor.dim() == 3 and ".experts." in name):
         return {name: tensor}
@@ -82,7 +82,7 @@ def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint keys -> views of this process's parameters (loading writes through them)."""
     entries: dict[str, torch.Tensor] = {}
     for name, module, _, param in _owners(model):
-        entries.update(_split(name, module, param.data))
+        entries.update(split_entry(name, module, param.data))
     return entries
 
 
@@ -103,7 +103,7 @@ def optimizer_entries(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     for name, module, _, param in _owners(model):
         state = optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq"):
-            entries.update(_split(f"optim/{key}/{name}", module, state[key]))
+            entries.update(split_entry(f"optim/{key}/{name}", module, state[key]))
         entries[f"optim/step/{name}"] = state["step"]
     return entries
 
@@ -121,6 +121,11 @@ def is_complete(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
 
 
+def complete_steps(root: Path) -> list[Path]:
+    """The complete checkpoints under a checkpoints/ directory, oldest first."""
+    return sorted(p for p in root.glob("step_*") if is_complete(p)) if root.is_dir() else []
+
+
 def find_latest(out_dir: str) -> Optional[Path]:
     """The newest complete checkpoint: the `latest` pointer, else the highest complete step dir."""
     root = checkpoint_root(out_dir)
@@ -129,7 +134,7 @@ def find_latest(out_dir: str) -> Optional[Path]:
         candidate = root / pointer.read_text().strip()
         if is_complete(candidate):
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if is_complete(p)) if root.is_dir() else []
+    complete = complete_steps(root)
     return complete[-1] if complete else None
 
 
@@ -191,7 +196,7 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
         "saved_at": time.time(),
         **(extra or {}),
     }
-    with _quiet_single_process():
+    with quiet_single_process():
         if async_save:
             future = dcp.async_save(state, checkpoint_id=str(partial), process_group=process_group)
             return PendingSave(future, partial, final, meta, keep)
@@ -202,8 +207,7 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
 def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
-    for old in complete[:-keep]:
+    for old in complete_steps(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.partial"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
@@ -218,7 +222,7 @@ def resolve_resume(setting: Optional[str], out_dir: str) -> Optional[Path]:
     if setting == "auto":
         return find_latest(out_dir)
     path = Path(setting)
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if checkpoint_root(setting).is_dir():
         found = find_latest(str(path))
         if found is None:
             raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint under {path}/checkpoints")
@@ -270,7 +274,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     targets = dict(state)
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     # DCP fills most targets in place but may hand back new tensors (0-d steps, some DTensor
     # states): copy those into the model's and optimizer's own tensors.

@@ -24,7 +24,7 @@ from mohge.model.transformer import build_model
 from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
-from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, sync_gradients
+from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
 from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.metrics import MetricsLogger
@@ -64,12 +64,6 @@ def resolve_expert_compute(setting: str, device: torch.device) -> str:
     if setting == "auto":
         return "grouped" if device.type == "cuda" else "loop"
     return setting
-
-
-def scalar(value: torch.Tensor) -> float:
-    """A loss as a float, also when tensor parallel made it a (replicated) DTensor."""
-    value = value.detach()
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -137,15 +131,13 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
             entry["dropped_fraction"] = dropped / (dropped + slots)
         placement = getattr(layer, "placement", None)
         if placement is not None:
-            from mohge.parallel.allocation import rank_flops
+            from mohge.parallel.allocation import flop_imbalance
 
             d_model = layer.router.group_gate.weight.shape[-1]
-            flops = rank_flops(placement, tokens_per_expert.tolist(), d_model)
-            mean = sum(flops) / len(flops) if flops else 0.0
             entry["ep_rank_tokens"] = [
                 float(sum(tokens_per_expert[e] for e in placement.local_experts(r))) for r in range(placement.ep_size)
             ]
-            entry["ep_flop_imbalance"] = max(flops) / mean if mean > 0 else 1.0
+            entry["ep_flop_imbalance"] = flop_imbalance(placement, tokens_per_expert.tolist(), d_model)
         per_layer[name] = entry
     if ctx.distributed and ctx.dims.pp > 1:  # every stage reports its own layers
         gathered: list = [None] * ctx.dims.pp
@@ -178,40 +170,6 @@ def status_line(step: int, total: int, m: dict) -> str:
         f"gnorm {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f}"
         + (f" mfu {m['mfu']:.1%}" if "mfu" in m else "") + groups
     )
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, cfg: RunConfig, device: torch.device, amp: Optional[torch.dtype], ctx,
-             pipeline=None) -> float:
-    """Mean validation loss over `train.eval_iters` global batches: each data-parallel rank reads
-    its `grad_accum_steps` micro-batches of each, so the held-out set (and the value) is the same in
-    every layout. Routing statistics are not recorded."""
-    model.eval()
-    total, count = 0.0, 0
-    n_micro = cfg.grad_accum_steps
-    batches = list(data.valid_batches(cfg.train.eval_iters * n_micro))
-    with recording_suspended(model), loss_context(ctx.dims.tp > 1), \
-            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if pipeline is None:
-            for tokens, labels in batches:
-                total += scalar(lm_loss(model(tokens.to(device)), labels.to(device)))
-                count += 1
-        else:
-            for i in range(0, len(batches), n_micro):
-                chunk = batches[i : i + n_micro]
-                losses = pipeline.evaluate(torch.cat([b[0] for b in chunk]).to(device),
-                                           torch.cat([b[1] for b in chunk]).to(device))
-                total += sum(scalar(x) for x in losses)
-                count += len(chunk)
-    reshard(model)
-    model.train()
-    value = torch.tensor([total, count], dtype=torch.float64, device=device)
-    if pipeline is not None:  # only the last stage has losses: share them along the pipeline
-        value[1] = count if pipeline.has_last else 0
-        dist.all_reduce(value, group=ctx.group("pp"))
-    if ctx.distributed and ctx.dims.dp > 1:
-        dist.all_reduce(value, group=ctx.group("dp"))
-    return float(value[0] / value[1].clamp_min(1))
 
 
 def build_data_source(cfg: RunConfig, ctx: ParallelContext):
@@ -285,6 +243,10 @@ class Trainer:
         if self.ctx.is_log_rank:
             print(message, flush=True)
 
+    def autocast(self):
+        """The forward's precision: bf16 autocast on CUDA (train.precision), none in fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
     # ---- one step ----------------------------------------------------------------------
     def forward_backward(self) -> float:
         """All micro-batches of one step; returns the mean LM loss of this rank's data."""
@@ -295,7 +257,7 @@ class Trainer:
             tokens, labels = self.data.next_train_batch()
             tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with self.loss_context():
-                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                with self.autocast():
                     loss = lm_loss(self.model(tokens), labels)
                 loss.backward()
             total += scalar(loss) / self.n_micro
@@ -303,16 +265,31 @@ class Trainer:
 
     def pipeline_forward_backward(self) -> float:
         batches = [self.data.next_train_batch() for _ in range(self.n_micro)]
-        tokens = torch.cat([b[0] for b in batches]).to(self.device)
-        labels = torch.cat([b[1] for b in batches]).to(self.device)
-        with self.loss_context():
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                losses = self.pipeline.step(tokens, labels)
-        # The last stage has the losses; the others add zero, so every rank reports the same.
-        total = torch.tensor(sum(scalar(x) for x in losses) / self.n_micro if losses else 0.0,
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.ctx.group("pp"))
-        return float(total)
+        with self.loss_context(), self.autocast():
+            return self.pipeline.step(batches) / self.n_micro
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over `train.eval_iters` global batches: each data-parallel rank
+        reads its `grad_accum_steps` micro-batches of each, so the held-out set (and the value) is
+        the same in every layout. Routing statistics are not recorded."""
+        model, device = self.model, self.device
+        model.eval()
+        total = 0.0
+        batches = list(self.data.valid_batches(self.cfg.train.eval_iters * self.n_micro))
+        with recording_suspended(model), self.loss_context(), self.autocast():
+            if self.pipeline is None:
+                for tokens, labels in batches:
+                    total += scalar(lm_loss(model(tokens.to(device)), labels.to(device)))
+            else:
+                for i in range(0, len(batches), self.n_micro):
+                    total += self.pipeline.evaluate(batches[i : i + self.n_micro])
+        reshard(model)
+        model.train()
+        value = torch.tensor([total, len(batches)], dtype=torch.float64, device=device)
+        if self.ctx.distributed and self.ctx.dims.dp > 1:
+            dist.all_reduce(value, group=self.ctx.group("dp"))
+        return float(value[0] / value[1].clamp_min(1))
 
     def optimizer_step(self) -> torch.Tensor:
         """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
@@ -414,9 +391,10 @@ class Trainer:
         elapsed = time.perf_counter() - window["start"]
         moe = collect_moe_metrics(self.model, self.ctx)
         lm = window["loss"] / window["steps"]
+        group_aux_active = self.step - 1 >= self.group_aux_start  # during the step just taken
         metrics = {
             "step": self.step,
-            "loss": lm + weighted_aux_total(self.cfg.model.moe, moe, self.step - 1 >= self.group_aux_start),
+            "loss": lm + weighted_aux_total(self.cfg.model.moe, moe, group_aux_active),
             "lm_loss": lm,
             "group_aux_loss": moe["group_aux_loss"],
             "intra_group_aux_loss": moe["intra_group_aux_loss"],
@@ -425,14 +403,13 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
             "skipped_steps": self.result.skipped_steps,
-            "group_aux_active": self.step - 1 >= self.group_aux_start,
+            "group_aux_active": group_aux_active,
             "moe": moe["moe"],
         }
         metrics.update(throughput(self.cfg.model, t.seq_len, metrics["tokens_per_s"],
                                   measured_group_fractions(moe["moe"]), self.peak_tflops, self.ctx.dims.world_size))
         if t.eval_every and (self.step % t.eval_every == 0 or last):
-            metrics["val_loss"] = evaluate(self.model, self.data, self.cfg, self.device, self.amp, self.ctx,
-                                           self.pipeline)
+            metrics["val_loss"] = self.evaluate()
             self.result.val_losses.append((self.step, metrics["val_loss"]))
         self.logger.log(metrics, status=status_line(self.step, t.steps, metrics))
 
