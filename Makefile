@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test test-slow install install-test bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
+
+# Slow checks (long multi-rank parity runs, docs commands, compile): CI's second step.
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]  # 5: no test is marked slow
 
 bench: $(STAMP)  # CPU benchmarks (tables + JSON in runs/); bench/bench_gpu.py needs a GPU
 	$(PY) bench/bench_ep.py --out runs/bench_ep.json
