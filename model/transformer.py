@@ -69,8 +69,14 @@ class Transformer(nn.Module):
         """Deterministic, layout-independent initial values (see the module docstring)."""
         device = next(self.parameters()).device
         self.rope = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+        for module in self.modules():  # index tables left empty by to_empty()
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
         with torch.no_grad():
             for name, module, param in _named_params_with_owner(self):
+                if hasattr(module, "init_param"):  # a packed layout draws its values per part
+                    module.init_param(name, param, lambda n, shape: initial_value(n, shape, self.cfg, seed))
+                    continue
                 rows = getattr(module, "expert_rows", None)
                 full = initial_value(name, full_shape(module, param), self.cfg, seed)
                 copy_local(param, full if rows is None else full[rows])
@@ -78,7 +84,8 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
         when this process holds only a part (expert or tensor shards)."""
-        return sum(math.prod(full_shape(module, p)) for _, module, p in _named_params_with_owner(self))
+        return sum(module.full_numel(p) if hasattr(module, "full_numel") else math.prod(full_shape(module, p))
+                   for _, module, p in _named_params_with_owner(self))
 
 
 def _named_params_with_owner(model: nn.Module):
