@@ -160,3 +160,43 @@ def test_per_group_layout_checkpoint_loads(tmp_path):
         expected.append((F.silu(xe @ w["w1"].t()) * (xe @ w["w3"].t())) @ w["w2"].t())
         start += int(counts[i])
     torch.testing.assert_close(layer.experts(xs, counts), torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def _ep_worker(rank, world, moe):
+    """One EP rank with the grouped path: its output for its tokens, and the syncs of fwd + bwd."""
+    from mohge.parallel.dims import ParallelDims
+    from mohge.parallel.expert_parallel import apply_expert_parallel
+    from mohge.parallel.parallelize import ParallelContext
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=world, tp=1, pp=1, ep=world, world_size=world)
+    ctx = ParallelContext(dims=dims, rank=rank)
+    ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes("cpu")
+    full = init_module(MoHGELayer(D, moe, "grouped"), seed=2)
+    layer = MoHGELayer(D, moe, "grouped")
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = layer
+
+    apply_expert_parallel(Holder(), ctx, moe)
+    with torch.no_grad():
+        full_params = dict(full.named_parameters())
+        for name, p in layer.named_parameters():
+            rows = getattr(layer.get_submodule(name.rsplit(".", 1)[0]), "expert_rows", None)
+            p.copy_(full_params[name] if rows is None else full_params[name][rows])
+    x = torch.randn(1, 9, D, generator=torch.Generator().manual_seed(rank))
+    with count_host_syncs() as syncs:
+        out = layer(x)
+        out.square().sum().backward()
+    return out.detach(), full(x).detach(), dict(syncs)
+
+
+@pytest.mark.multirank
+def test_ep2_grouped_path_matches_and_syncs_once_per_layer():
+    """At EP=2 the layer reads only the all-to-all split sizes back to the host: one sync."""
+    from distributed import run_ranks
+
+    for out, expected, syncs in run_ranks(2, _ep_worker, make_moe(top_k=3, k_group=2)):
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert syncs == {"Tensor.tolist": 1}
