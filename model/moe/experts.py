@@ -40,9 +40,49 @@ from torch import nn
 from mohge.model.config import ExpertGroupConfig
 
 
-def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x [S, K] in segments ending at offs, w_t [L, K, M]: segment l times w_t[l] -> [S, M]."""
+@torch.library.custom_op("mohge::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(x, w_t, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w_t, offs):
+    return x.new_empty(x.shape[0], w_t.shape[-1])
+
+
+@torch.library.custom_op("mohge::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x.t(), grad, offs=offs)  # ragged contraction: [L, K, M]
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    x, w_t, offs = inputs
+    ctx.save_for_backward(x, w_t, offs)
+
+
+def _backward(ctx, grad):
+    x, w_t, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    return _grouped_mm_op(grad, w_t.transpose(-2, -1), offs), _grouped_mm_weight_grad(x, grad, offs), None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [S, K] in segments ending at offs, w_t [L, K, M]: segment l times w_t[l] -> [S, M].
+
+    On CUDA torch's own op. Elsewhere the same op behind a custom op: torch.compile's shape
+    function for grouped_mm accepts only bf16, while the CPU kernel (and this op) takes any dtype.
+    """
+    if x.is_cuda:
+        return F.grouped_mm(x, w_t, offs=offs)
+    return _grouped_mm_op(x, w_t, offs)
 
 
 class RoutedExperts(nn.Module):
