@@ -15,6 +15,7 @@ COMMON = ["data=synthetic", "logging.progress=false", "train.eval_every=0", "tra
           "train.steps=3", "checkpoint.save_final=false"]
 
 
+@pytest.mark.slow  # ~45 s each on a loaded 2-core machine
 @pytest.mark.parametrize("mode, top_k, capacity", [("global", 3, None), ("per_group", 4, 0.75)])
 def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity):
     """fullgraph=True turns any graph break (host sync, data-dependent shape) into an error.

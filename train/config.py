@@ -40,6 +40,7 @@ class TrainConfig:
     compile: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     compile_backend: str = "inductor"  # torch.compile backend of train.compile (aot_eager / eager: debugging)
+    loss_chunk_tokens: int = 0  # > 0: output projection + CE this many tokens at a time (no whole logits)
 
 
 @dataclass
@@ -127,6 +128,11 @@ class RunConfig:
         if t.compile and self.model.moe is not None and self.model.moe.expert_compute == "loop":
             raise ConfigError("train.compile=true: model.moe.expert_compute=loop reads expert counts on the host "
                               "(a graph break); use model.moe.expert_compute=grouped or auto")
+        if t.loss_chunk_tokens < 0:
+            raise ConfigError("train.loss_chunk_tokens: must be >= 0 (0: whole logits)")
+        if t.loss_chunk_tokens and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ConfigError("train.loss_chunk_tokens: not supported with parallel.tp > 1 or parallel.pp > 1 yet; "
+                              "set it to 0")
         if t.compile_backend not in ("inductor", "aot_eager", "eager"):
             raise ConfigError("train.compile_backend: must be one of inductor, aot_eager, eager")
         if t.warmup_steps < 0:
