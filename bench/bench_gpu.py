@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mohge.data.synthetic import SyntheticData
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
-from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup
+from mohge.model.moe.experts import GroupedExperts, LoopExperts
 from mohge.model.transformer import build_model
 from mohge.train.fp8 import apply_fp8
 from mohge.train.throughput import device_peak_tflops, throughput
@@ -66,13 +66,13 @@ def bench_grouped_gemm(tokens: int, experts: int, d_model: int = 1024) -> list[d
     """Forward + backward of one size group's experts: grouped GEMM vs per-expert loop (bf16)."""
     rows = []
     for width in WIDTHS:
-        counts = torch.distributions.Multinomial(tokens, torch.ones(experts)).sample().long().tolist()
+        counts = torch.distributions.Multinomial(tokens, torch.ones(experts)).sample().long().cuda()
         x = torch.randn(tokens, d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, d_model, device="cuda", dtype=torch.bfloat16)
         result = {"width": width}
         outs = {}
-        for name, cls in (("loop", LoopExpertGroup), ("grouped", GroupedGemmExpertGroup)):
-            group = cls(experts, d_model, width).cuda().to(torch.bfloat16)
+        for name, cls in (("loop", LoopExperts), ("grouped", GroupedExperts)):
+            group = cls(d_model, [ExpertGroupConfig(experts, width)]).cuda().to(torch.bfloat16)
             torch.manual_seed(0)
             with torch.no_grad():
                 for p in group.parameters():

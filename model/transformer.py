@@ -18,6 +18,7 @@ from torch import nn
 
 from mohge.model.config import ModelConfig
 from mohge.model.layers import Attention, FeedForward, rope_cache
+from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.moe.layer import MoHGELayer
 
 
@@ -53,15 +54,20 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = (
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
+        self.loss_chunk_tokens = 0  # > 0: forward(tokens, labels) returns the chunked loss
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """With `labels` and `loss_chunk_tokens` set: the mean LM loss, logits never whole."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.rope)
         if self.norm is None:  # a pipeline stage before the last returns hidden states
             return h
         h = self.norm(h)
+        if labels is not None and self.loss_chunk_tokens:
+            w = self.output.weight if self.output is not None else self.tok_embeddings.weight
+            return chunked_linear_cross_entropy(h.flatten(0, 1), w, labels.flatten(), self.loss_chunk_tokens)
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     # ---- initialisation -----------------------------------------------------------------
@@ -69,8 +75,14 @@ class Transformer(nn.Module):
         """Deterministic, layout-independent initial values (see the module docstring)."""
         device = next(self.parameters()).device
         self.rope = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+        for module in self.modules():  # index tables left empty by to_empty()
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
         with torch.no_grad():
             for name, module, param in _named_params_with_owner(self):
+                if hasattr(module, "init_param"):  # a packed layout draws its values per part
+                    module.init_param(name, param, lambda n, shape: initial_value(n, shape, self.cfg, seed))
+                    continue
                 rows = getattr(module, "expert_rows", None)
                 full = initial_value(name, full_shape(module, param), self.cfg, seed)
                 copy_local(param, full if rows is None else full[rows])
@@ -78,7 +90,8 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
         when this process holds only a part (expert or tensor shards)."""
-        return sum(math.prod(full_shape(module, p)) for _, module, p in _named_params_with_owner(self))
+        return sum(module.full_numel(p) if hasattr(module, "full_numel") else math.prod(full_shape(module, p))
+                   for _, module, p in _named_params_with_owner(self))
 
 
 def _named_params_with_owner(model: nn.Module):

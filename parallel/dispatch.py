@@ -5,7 +5,8 @@ rank), S rows sent by this rank, Q rows received.
 
 Three phases each way, so compute can later overlap communication:
   preprocess  sort (token, slot) rows by destination rank, then local expert; count them
-  communicate exchange counts, then rows (autograd-aware all_to_all_single)
+  communicate exchange counts, then rows (autograd-aware all_to_all_single); the split sizes
+              are read back to the host once per layer forward (the only sync of the MoE layer)
   postprocess regroup received rows by local expert, whichever rank sent them
 `combine` runs the same phases in reverse.
 """
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mohge.model.moe.dispatch import kept_slots, scatter_back
+from mohge.model.moe.dispatch import count_per_expert, inverse_permutation
 from mohge.parallel.comm import all_to_all_single
 
 
 @dataclass
 class AllToAllHandle:
-    rows_S: torch.Tensor  # sent row i is flattened (token, slot) rows_S[i]
+    inverse_S: torch.Tensor  # flattened (token, slot) i was sent as row inverse_S[i]
     local_order_Q: torch.Tensor  # local row j is received row local_order_Q[j]
     send_splits: list[int]
     recv_splits: list[int]
@@ -48,12 +49,11 @@ class AllToAllDispatcher:
         return self._key_cache[device]
 
     # ---- dispatch ----------------------------------------------------------------------
-    def preprocess(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None = None):
+    def preprocess(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
         K = expert_idx_TK.shape[1]
-        slots = kept_slots(expert_idx_TK, keep_TK)
-        key_S = self._keys(x_TD.device)[expert_idx_TK.flatten()[slots]]
-        rows_S = slots[torch.argsort(key_S, stable=True)]
-        counts_RL = torch.bincount(key_S, minlength=self.ep_size * self.max_local).view(self.ep_size, self.max_local)
+        key_S = self._keys(x_TD.device)[expert_idx_TK.flatten()]
+        rows_S = torch.argsort(key_S, stable=True)
+        counts_RL = count_per_expert(key_S, self.ep_size * self.max_local).view(self.ep_size, self.max_local)
         return x_TD[rows_S // K], rows_S, counts_RL
 
     def communicate_counts(self, counts_RL: torch.Tensor) -> torch.Tensor:
@@ -62,23 +62,26 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_RL, counts_RL.contiguous(), group=self.group)
         return recv_RL
 
-    def postprocess(self, recv_RL: torch.Tensor):
+    def postprocess(self, recv_RL: torch.Tensor, num_recv: int):
         local = self.num_local[self.ep_rank]
         slot_Q = torch.arange(self.max_local, device=recv_RL.device).repeat(self.ep_size)
-        slot_Q = slot_Q.repeat_interleave(recv_RL.flatten())
+        slot_Q = slot_Q.repeat_interleave(recv_RL.flatten(), output_size=num_recv)  # size known: no sync
         local_order_Q = torch.argsort(slot_Q, stable=True)
         tokens_per_local_expert = recv_RL.sum(0)[:local]
         return local_order_Q, tokens_per_local_expert
 
-    def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None = None):
+    def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
         """-> (rows for this rank's experts sorted by local expert, tokens per local expert, handle)."""
-        x_send, rows_S, counts_RL = self.preprocess(x_TD, expert_idx_TK, keep_TK)
+        x_send, rows_S, counts_RL = self.preprocess(x_TD, expert_idx_TK)
         recv_RL = self.communicate_counts(counts_RL)
-        send_splits, recv_splits = counts_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
+        # The one host sync of the layer: all_to_all_single needs its split sizes on the host.
+        splits = torch.stack([counts_RL.sum(1), recv_RL.sum(1)]).tolist()
+        send_splits, recv_splits = splits[0], splits[1]
         x_recv = all_to_all_single(x_send, send_splits, recv_splits, self.group)
-        local_order_Q, tokens_per_local_expert = self.postprocess(recv_RL)
+        local_order_Q, tokens_per_local_expert = self.postprocess(recv_RL, sum(recv_splits))
         handle = AllToAllHandle(
-            rows_S, local_order_Q, send_splits, recv_splits, expert_idx_TK.shape[0], expert_idx_TK.shape[1]
+            inverse_permutation(rows_S), local_order_Q, send_splits, recv_splits,
+            expert_idx_TK.shape[0], expert_idx_TK.shape[1],
         )
         return x_recv[local_order_Q], tokens_per_local_expert, handle
 
@@ -88,4 +91,4 @@ class AllToAllDispatcher:
         y_recv = torch.empty_like(y_local)
         y_recv[handle.local_order_Q] = y_local
         y_send = all_to_all_single(y_recv, handle.recv_splits, handle.send_splits, self.group)
-        return scatter_back(y_send, handle.rows_S, handle.num_tokens, handle.top_k)
+        return y_send[handle.inverse_S].view(handle.num_tokens, handle.top_k, -1)

@@ -3,7 +3,6 @@ tokens with all-to-all. Applied to a model on meta, before weights are materiali
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from mohge.model.config import MoEConfig
@@ -13,16 +12,8 @@ from mohge.parallel.dispatch import AllToAllDispatcher
 
 
 def shard_experts(layer, placement: Placement, ep_rank: int) -> None:
-    """Keeps only `ep_rank`'s experts of every group; records which rows of the full tensors they are."""
-    offsets = layer.cfg.group_offsets()
-    local = placement.local_experts(ep_rank)
-    for g, group in enumerate(layer.experts.groups):
-        rows = [e - offsets[g] for e in local if offsets[g] <= e < offsets[g + 1]]
-        group.full_num_experts = group.w1.shape[0]
-        group.expert_rows = rows
-        for name in ("w1", "w3", "w2"):
-            full = getattr(group, name)
-            setattr(group, name, nn.Parameter(full.new_empty((len(rows), *full.shape[1:]))))
+    """Keeps only `ep_rank`'s experts (rows of the layer's expert stacks, see experts.py)."""
+    layer.experts.keep_local(placement.local_experts(ep_rank))
 
 
 def apply_expert_parallel(model: nn.Module, ctx, moe: MoEConfig) -> Placement:

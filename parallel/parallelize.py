@@ -1,7 +1,7 @@
 """Turns a plain Transformer into a distributed one, and syncs its gradients.
 
 Order (fixed): pipeline split -> expert parallel -> tensor parallel -> activation checkpointing ->
-data parallel. Each step lives in its own module; this file only sequences them.
+compile -> data parallel. Each step lives in its own module; this file only sequences them.
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
 
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+    if cfg.train.compile:
+        from mohge.parallel.compile import apply_compile
+
+        apply_compile(model, cfg.train.compile_backend, expert_parallel=dims.ep > 1)
     if dims.pp > 1:
         from mohge.parallel.pipeline import build_stages
 

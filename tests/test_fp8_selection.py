@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mohge.model.config import ConfigError
-from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup
+from mohge.model.moe.experts import GroupedExperts, LoopExperts
 from mohge.model.transformer import build_model
 from mohge.train.fp8 import apply_fp8, fp8_eligible
 from mohge.train.hydra_config import compose_config
@@ -37,8 +37,8 @@ def test_expert_compute_selection():
     assert resolve_expert_compute("auto", torch.device("cuda")) == "grouped"
     cfg = compose_config("demo", ["model.moe.expert_compute=grouped"]).model
     model = build_model(cfg, "meta", expert_compute="grouped")
-    assert isinstance(model.layers["1"].ffn.experts.groups[0], GroupedGemmExpertGroup)
-    assert isinstance(build_model(cfg, "meta").layers["1"].ffn.experts.groups[0], LoopExpertGroup)
+    assert isinstance(model.layers["1"].ffn.experts, GroupedExperts)
+    assert isinstance(build_model(cfg, "meta").layers["1"].ffn.experts, LoopExperts)
     with pytest.raises(ConfigError, match="multiple of 8 for expert_compute=grouped"):
         compose_config("demo", ["model.moe.expert_compute=grouped", "model.moe.groups.0.ffn_hidden_size=100"])
 
@@ -60,7 +60,7 @@ def test_fp8_experts_selection(torchao_moe_training):
 
     cfg = compose_config("demo", ["model.moe.expert_compute=grouped"]).model
     model = build_model(cfg, "meta", expert_compute="grouped")
-    groups = [m for m in model.modules() if isinstance(m, GroupedGemmExpertGroup)]
+    groups = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     assert apply_fp8_experts(model) == len(groups) > 0
     assert all(g.gemm is float8_grouped_mm and g.align == FP8_ALIGN for g in groups)
     with pytest.raises(ConfigError, match="train.fp8_experts: needs model.moe.expert_compute=grouped"):

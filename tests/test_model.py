@@ -28,8 +28,12 @@ def test_init_value_depends_only_on_name_and_seed():
     """A parallel layout that keeps names gets the same values from a part of the model."""
     cfg = compose_config("tiny_mohge").model
     model = _model(cfg, 3)
-    w = dict(model.named_parameters())["layers.1.ffn.experts.groups.2.w1"]
-    assert torch.equal(w, initial_value("layers.1.ffn.experts.groups.2.w1", tuple(w.shape), cfg, 3))
+    experts = model.layers["1"].ffn.experts  # packed stacks draw their values per old group name
+    n, f = cfg.moe.groups[2].num_experts, cfg.moe.groups[2].ffn_hidden_size
+    w1 = initial_value("layers.1.ffn.experts.groups.2.w1", (n, f, cfg.d_model), cfg, 3)
+    first = experts.expert_ids.index((2, 0))
+    for r in range(n):
+        assert torch.equal(experts.expert_views(experts.w13, experts.w2, first + r)[0], w1[r])
 
 
 def test_forward_shapes_and_causality():

@@ -152,19 +152,19 @@ def test_one_group_equals_homogeneous_topk_moe(compute):
     moe, layer = _layer(compute, groups=[ExpertGroupConfig(6, 8)], k_group=1, top_k=2)
     layer.eval()
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(6))
-    g = layer.experts.groups[0]
-    expected = _reference_topk_moe(x.reshape(-1, D), layer.router.expert_gate.weight, g.w1, g.w3, g.w2, 2)
+    w13, w2 = layer.experts.w13, layer.experts.w2  # one group: the stack has no padding
+    expected = _reference_topk_moe(x.reshape(-1, D), layer.router.expert_gate.weight, w13[:, :8], w13[:, 8:], w2, 2)
     torch.testing.assert_close(layer(x).reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_expert_equals_dense_swiglu():
     moe, layer = _layer(groups=[ExpertGroupConfig(1, 10)], k_group=1, top_k=1)
     dense = FeedForward(D, 10)
-    g = layer.experts.groups[0]
+    w1, w3, w2 = layer.experts.expert_views(layer.experts.w13, layer.experts.w2, 0)
     with torch.no_grad():
-        dense.w1.weight.copy_(g.w1[0])
-        dense.w3.weight.copy_(g.w3[0])
-        dense.w2.weight.copy_(g.w2[0])
+        dense.w1.weight.copy_(w1)
+        dense.w3.weight.copy_(w3)
+        dense.w2.weight.copy_(w2)
     x = torch.randn(2, 5, D)
     torch.testing.assert_close(layer(x), dense(x))
 
@@ -191,7 +191,7 @@ def test_loop_and_grouped_paths_agree_with_zero_token_experts():
 def test_grouped_path_with_aligned_segments_agrees_with_loop():
     """FP8 grouped kernels need every expert's token count to be a multiple of 16: the grouped
     path pads each segment with zero rows and drops them after, outputs and gradients unchanged."""
-    from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup, grouped_mm
+    from mohge.model.moe.experts import GroupedExperts, LoopExperts, grouped_mm
 
     seen = []
 
@@ -201,9 +201,8 @@ def test_grouped_path_with_aligned_segments_agrees_with_loop():
         seen.append(sizes.tolist())
         return grouped_mm(x, w_t, offs)
 
-    loop, grouped = LoopExpertGroup(4, D, 24), GroupedGemmExpertGroup(4, D, 24)
-    for p in loop.parameters():
-        torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(p.numel()))
+    groups = [ExpertGroupConfig(2, 16), ExpertGroupConfig(2, 24)]
+    loop, grouped = init_module(LoopExperts(D, groups)), GroupedExperts(D, groups)
     grouped.load_state_dict(loop.state_dict())
     grouped.gemm, grouped.align = aligned_only, 16
     counts = [5, 0, 17, 3]  # one expert with no tokens, one with more than one aligned block
@@ -211,14 +210,14 @@ def test_grouped_path_with_aligned_segments_agrees_with_loop():
     outs, grads = [], []
     for group in (loop, grouped):
         xi = x.clone().requires_grad_(True)
-        out = group(xi, counts)
+        out = group(xi, torch.tensor(counts))
         (out * torch.arange(out.numel()).view_as(out)).sum().backward()
         outs.append(out)
         grads.append([xi.grad] + [p.grad for p in group.parameters()])
     assert seen[0] == [16, 0, 32, 16]
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads):  # same sums in another order: fp32 rounding only
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_routing_stats_record_and_suspend():

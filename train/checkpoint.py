@@ -70,7 +70,10 @@ def _owners(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tenso
 
 def split_entry(name: str, module: Optional[nn.Module], tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """A tensor's checkpoint entries: per expert row for expert weights (rows numbered by the
-    owning module's `expert_rows` under expert parallel, else 0..N-1), else itself."""
+    owning module's `expert_rows` under expert parallel, else 0..N-1), else itself. A module
+    with a packed layout (the expert stacks) names its own entries."""
+    if hasattr(module, "checkpoint_entries"):
+        return module.checkpoint_entries(name, tensor)
     rows = getattr(module, "expert_rows", None)
     if rows is None and not (tensor.dim() == 3 and ".experts." in name):
         return {name: tensor}

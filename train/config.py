@@ -39,6 +39,8 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    compile_backend: str = "inductor"  # torch.compile backend of train.compile (aot_eager / eager: debugging)
+    loss_chunk_tokens: int = 0  # > 0: output projection + CE this many tokens at a time (no whole logits)
 
 
 @dataclass
@@ -123,8 +125,16 @@ class RunConfig:
             raise ConfigError(f"train.fp8_experts=true: needs train.fp8=torchao (got train.fp8={t.fp8})")
         if self.checkpoint.keep < 0 or self.checkpoint.every < 0:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be >= 0")
-        if t.compile:
-            raise ConfigError("train.compile=true: torch.compile is not wired in yet; use train.compile=false")
+        if t.compile and self.model.moe is not None and self.model.moe.expert_compute == "loop":
+            raise ConfigError("train.compile=true: model.moe.expert_compute=loop reads expert counts on the host "
+                              "(a graph break); use model.moe.expert_compute=grouped or auto")
+        if t.loss_chunk_tokens < 0:
+            raise ConfigError("train.loss_chunk_tokens: must be >= 0 (0: whole logits)")
+        if t.loss_chunk_tokens and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ConfigError("train.loss_chunk_tokens: not supported with parallel.tp > 1 or parallel.pp > 1 yet; "
+                              "set it to 0")
+        if t.compile_backend not in ("inductor", "aot_eager", "eager"):
+            raise ConfigError("train.compile_backend: must be one of inductor, aot_eager, eager")
         if t.warmup_steps < 0:
             raise ConfigError("train.warmup_steps: must be >= 0")
         if not 0.0 <= t.min_lr_ratio <= 1.0:

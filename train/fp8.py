@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mohge.model.config import ConfigError
-from mohge.model.moe.experts import GroupedGemmExpertGroup, LoopExpertGroup
+from mohge.model.moe.experts import GroupedExperts, LoopExperts
 
 EXCLUDED = ("router.", "output")
 
@@ -40,7 +40,7 @@ def float8_grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) ->
 
 
 def apply_fp8_experts(model: nn.Module) -> int:
-    """Points every routed expert group's grouped GEMM at the float8 kernel; returns how many.
+    """Points every layer's routed-expert grouped GEMM at the float8 kernel; returns how many.
     Needs the grouped expert path and 16-divisible widths (errors name the field)."""
     try:
         import torchao.prototype.moe_training  # noqa: F401
@@ -49,16 +49,17 @@ def apply_fp8_experts(model: nn.Module) -> int:
                           f"({err}); pip install 'mohge[torchao]' or set train.fp8_experts=false") from err
     converted = 0
     for name, module in model.named_modules():
-        if isinstance(module, LoopExpertGroup):
+        if isinstance(module, LoopExperts):
             raise ConfigError("train.fp8_experts: needs model.moe.expert_compute=grouped (or auto on CUDA), "
                               f"but {name} uses the per-expert loop")
-        if not isinstance(module, GroupedGemmExpertGroup):
+        if not isinstance(module, GroupedExperts):
             continue
-        num_experts, width, d_model = module.w1.shape
-        if width % FP8_ALIGN or d_model % FP8_ALIGN:
-            raise ConfigError(f"train.fp8_experts: {name} has ffn_hidden_size {width} and d_model {d_model}; "
-                              f"float8 grouped GEMMs need multiples of {FP8_ALIGN} "
-                              "(change model.moe.groups or set train.fp8_experts=false)")
+        d_model = module.d_model
+        for width in module.widths:  # the padded stack is aligned when every width is
+            if width % FP8_ALIGN or d_model % FP8_ALIGN:
+                raise ConfigError(f"train.fp8_experts: {name} has ffn_hidden_size {width} and d_model {d_model}; "
+                                  f"float8 grouped GEMMs need multiples of {FP8_ALIGN} "
+                                  "(change model.moe.groups or set train.fp8_experts=false)")
         module.gemm, module.align = float8_grouped_mm, FP8_ALIGN
         converted += 1
     return converted

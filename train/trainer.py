@@ -59,10 +59,10 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def resolve_expert_compute(setting: str, device: torch.device) -> str:
-    """`auto`: grouped GEMM on CUDA, the per-expert loop on CPU."""
+def resolve_expert_compute(setting: str, device: torch.device, compiled: bool = False) -> str:
+    """`auto`: grouped GEMM on CUDA or when compiled (sync-free), the per-expert loop on CPU."""
     if setting == "auto":
-        return "grouped" if device.type == "cuda" else "loop"
+        return "grouped" if device.type == "cuda" or compiled else "loop"
     return setting
 
 
@@ -89,8 +89,9 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
 
 
 def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> nn.Module:
-    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device)
+    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device, cfg.train.compile)
     model = build_model(cfg.model, "meta", expert_compute=compute)
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     model = parallelize_model(model, ctx, cfg)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
@@ -258,7 +259,10 @@ class Trainer:
             tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with self.loss_context():
                 with self.autocast():
-                    loss = lm_loss(self.model(tokens), labels)
+                    if self.cfg.train.loss_chunk_tokens:  # the model returns the loss (model/loss.py)
+                        loss = self.model(tokens, labels)
+                    else:
+                        loss = lm_loss(self.model(tokens), labels)
                 loss.backward()
             total += scalar(loss) / self.n_micro
         return total

@@ -13,8 +13,8 @@ from torch import nn
 
 from mohge.model.config import MoEConfig
 from mohge.model.layers import FeedForward
-from mohge.model.moe.dispatch import LocalDispatcher
-from mohge.model.moe.experts import RoutedExperts
+from mohge.model.moe.dispatch import LocalDispatcher, count_per_expert
+from mohge.model.moe.experts import build_experts
 from mohge.model.moe.losses import attach_aux_loss, group_aux_loss, intra_group_aux_loss, router_z_loss
 from mohge.model.moe.router import GroupRouter, Routing, capacity_keep
 
@@ -45,10 +45,11 @@ class RoutingStats:
         if not self.recording:
             return
         served = routing.expert_idx_TK.flatten()
-        if keep_TK is not None:
-            served = served[keep_TK.flatten()]
+        weight = None
+        if keep_TK is not None:  # counted by weight, not by boolean indexing: no host sync
+            weight = keep_TK.flatten()
             self._add("dropped_slots", (~keep_TK).sum())
-        self._add("tokens_per_expert", torch.bincount(served, minlength=self.num_experts))
+        self._add("tokens_per_expert", count_per_expert(served, self.num_experts, weight))
         self._add("group_tokens", routing.group_mask_TG.sum(0))
         for name, value in losses.items():
             self._add(name, value)
@@ -84,7 +85,7 @@ class MoHGELayer(nn.Module):
         super().__init__()
         self.cfg = moe
         self.router = GroupRouter(d_model, moe)
-        self.experts = RoutedExperts(d_model, moe.groups, expert_compute)
+        self.experts = build_experts(d_model, moe.groups, expert_compute)
         self.shared = (
             FeedForward(d_model, moe.shared_ffn_hidden_size * moe.num_shared_experts)
             if moe.num_shared_experts
@@ -98,14 +99,16 @@ class MoHGELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
-        keep_TK = None
+        keep_TK, weights_TK = None, routing.weights_TK
         if self.cfg.capacity_factor is not None:
+            # Dropped slots are still computed (static shapes, no sync) but weighted 0.
             keep_TK = capacity_keep(routing.expert_idx_TK, self.cfg.num_experts, self.cfg.capacity_factor)
+            weights_TK = weights_TK * keep_TK
 
-        x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK, keep_TK)
+        x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK)
         y_disp = self.experts(x_disp, tokens_per_expert)
         y_TKD = self.dispatcher.combine(y_disp, handle)
-        out_TD = (y_TKD * routing.weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+        out_TD = (y_TKD * weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 

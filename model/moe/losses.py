@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from mohge.model.moe.dispatch import count_per_expert
+
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -39,7 +41,7 @@ def intra_group_aux_loss(
     """
     T, E = scores_TE.shape
     K = expert_idx_TK.shape[-1]
-    tokens_E = torch.bincount(expert_idx_TK.flatten(), minlength=E).to(scores_TE.dtype)
+    tokens_E = count_per_expert(expert_idx_TK, E).to(scores_TE.dtype)  # bincount would sync
     candidates = E * k_group / num_groups
     return candidates / (T * T * K) * (scores_TE.sum(0) * tokens_E).sum()
 

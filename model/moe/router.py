@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.config import MoEConfig
+from mohge.model.moe.dispatch import count_per_expert
 
 
 @dataclass
@@ -34,22 +35,24 @@ class Routing:
     aux_scores_TE: torch.Tensor  # the per-expert probabilities the intra-group loss sees
 
 
-def _select_global(s_TE: torch.Tensor, top_k: int, offsets: list[int]) -> torch.Tensor:
+def _select_global(s_TE: torch.Tensor, top_k: int, members_GN: torch.Tensor) -> torch.Tensor:
     """Top-K of s over all experts; experts of dropped groups hold -inf so they are never taken."""
     return s_TE.topk(top_k, dim=-1).indices
 
 
-def _select_per_group(s_TE: torch.Tensor, top_k: int, offsets: list[int], k_group: int) -> torch.Tensor:
-    """top_k/k_group experts inside each kept group: per-group candidates, then keep the kept groups'."""
+def _select_per_group(s_TE: torch.Tensor, top_k: int, members_GN: torch.Tensor, k_group: int) -> torch.Tensor:
+    """top_k/k_group experts inside each kept group: per-group candidates, then keep the kept groups'.
+
+    members_GN[g] lists group g's expert ids, padded with E (a -inf column): one topk over
+    [T, G, N] instead of a loop over groups.
+    """
+    T = s_TE.shape[0]
     per_group = top_k // k_group
-    cand_idx, cand_val = [], []
-    for g in range(len(offsets) - 1):
-        val, idx = s_TE[:, offsets[g] : offsets[g + 1]].topk(per_group, dim=-1)
-        cand_val.append(val)
-        cand_idx.append(idx + offsets[g])
-    cand_val_TC, cand_idx_TC = torch.cat(cand_val, dim=-1), torch.cat(cand_idx, dim=-1)
+    s_ext = torch.cat([s_TE, s_TE.new_full((T, 1), float("-inf"))], dim=-1)
+    cand_val_TGC, pos_TGC = s_ext[:, members_GN].topk(per_group, dim=-1)
+    cand_idx_TC = members_GN.expand(T, -1, -1).gather(-1, pos_TGC).reshape(T, -1)
     # Dropped groups' candidates are -inf, so the top-K of the candidates are exactly the kept ones.
-    pick_TK = cand_val_TC.topk(top_k, dim=-1).indices
+    pick_TK = cand_val_TGC.reshape(T, -1).topk(top_k, dim=-1).indices
     return cand_idx_TC.gather(-1, pick_TK)
 
 
@@ -63,10 +66,27 @@ class GroupRouter(nn.Module):
         self.combine = moe.combine
         self.group_gate = nn.Linear(d_model, moe.num_groups, bias=False)
         self.expert_gate = nn.Linear(d_model, moe.num_experts, bias=False)
+        self.group_sizes = [g.num_experts for g in moe.groups]
+        # Index tables for loop-free per-group math (rebuilt by reset_buffers after to_empty).
+        self.register_buffer("group_of_E", torch.empty(moe.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("members_GN", torch.empty(moe.num_groups, max(self.group_sizes), dtype=torch.long),
+                             persistent=False)
+        self.reset_buffers()
         if moe.topk_mode == "global":
             self._select: Callable = _select_global
         else:
-            self._select = lambda s, k, off: _select_per_group(s, k, off, self.k_group)
+            self._select = lambda s, k, members: _select_per_group(s, k, members, self.k_group)
+
+    def reset_buffers(self) -> None:
+        """Fills the index tables (buffers, so they follow the module's device)."""
+        if self.group_of_E.is_meta:
+            return
+        E, device = sum(self.group_sizes), self.group_of_E.device
+        group_of = [g for g, n in enumerate(self.group_sizes) for _ in range(n)]
+        members = [[self.offsets[g] + i if i < n else E for i in range(self.members_GN.shape[1])]
+                   for g, n in enumerate(self.group_sizes)]
+        self.group_of_E = torch.tensor(group_of, dtype=torch.long, device=device)
+        self.members_GN = torch.tensor(members, dtype=torch.long, device=device)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         # fp32 at least, whatever autocast or a low-precision copy of the weights would do.
@@ -85,16 +105,19 @@ class GroupRouter(nn.Module):
         p_kept_TG = p_TG * kept_TG
         p_kept_TG = p_kept_TG / p_kept_TG.sum(-1, keepdim=True)
 
-        q_TE = torch.cat(
-            [expert_logits_TE[:, self.offsets[g] : self.offsets[g + 1]].softmax(-1) for g in range(num_groups)],
-            dim=-1,
-        )
-        sizes = [self.offsets[g + 1] - self.offsets[g] for g in range(num_groups)]
-        s_TE = q_TE * p_kept_TG.repeat_interleave(torch.tensor(sizes, device=q_TE.device), dim=-1)
+        # Softmax inside each group without a loop over groups: shift by the group's max, divide
+        # by the group's sum (scatter over the expert -> group table).
+        T, gid_E = expert_logits_TE.shape[0], self.group_of_E
+        gid_TE = gid_E.expand(T, -1)
+        max_TG = expert_logits_TE.new_full((T, num_groups), float("-inf"))
+        max_TG = max_TG.scatter_reduce(1, gid_TE, expert_logits_TE.detach(), "amax")
+        exp_TE = (expert_logits_TE - max_TG[:, gid_E]).exp()
+        q_TE = exp_TE / exp_TE.new_zeros(T, num_groups).scatter_add(1, gid_TE, exp_TE)[:, gid_E]
+        s_TE = q_TE * p_kept_TG[:, gid_E]
         s_TE = s_TE / s_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        kept_TE = kept_TG.repeat_interleave(torch.tensor(sizes, device=q_TE.device), dim=-1)
+        kept_TE = kept_TG[:, gid_E]
 
-        expert_idx_TK = self._select(s_TE.masked_fill(~kept_TE, float("-inf")), self.top_k, self.offsets)
+        expert_idx_TK = self._select(s_TE.masked_fill(~kept_TE, float("-inf")), self.top_k, self.members_GN)
         chosen_TK = s_TE.gather(-1, expert_idx_TK)
         if self.combine == "authors":
             # The authors hand s to Megatron's top-k as logits: their weights are a softmax over the
@@ -125,7 +148,7 @@ def capacity_keep(expert_idx_TK: torch.Tensor, num_experts: int, capacity_factor
     capacity = math.ceil(capacity_factor * T * K / num_experts)
     flat_S = expert_idx_TK.flatten()
     order_S = torch.argsort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    counts_E = count_per_expert(flat_S, num_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     position_S = torch.empty_like(flat_S)
     position_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[flat_S[order_S]]

@@ -1,0 +1,212 @@
+"""One MoE layer and one full transformer block, forward + backward: MoHGE (8 groups, widths spread
+like bench_gpu.py) against the homogeneous MoE with the same activated parameters, eager and
+compiled, in one run with the same shapes. Prints a table and writes JSON.
+
+Per case: tokens/s (median of timed repeats), GEMM and total ops per layer (torch.profiler, leaf
+aten ops; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
+tensors the step allocates. Expert paths: `grouped` (the padded stack, one grouped GEMM per
+projection), `per_group` (the previous path, rebuilt here as the baseline: one grouped GEMM per
+size group and projection, counts read to the host) and `loop` (reference).
+
+    python bench/bench_moe.py [--device cpu|cuda] [--out bench_moe.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
+from mohge.model.layers import rope_cache
+from mohge.model.moe.experts import EXPERT_CLASSES, RoutedExperts, grouped_mm
+from mohge.model.moe.layer import MoHGELayer
+from mohge.model.transformer import TransformerBlock
+from mohge.parallel.host_syncs import count_host_syncs
+
+
+class PerGroupExperts(RoutedExperts):
+    """The previous path (baseline): per size group one grouped GEMM per projection over that
+    group's slice of the stack, with the counts read back to the host to slice."""
+
+    def forward(self, x_SD, tokens_per_expert_L):
+        counts = tokens_per_expert_L.tolist()
+        outs, tok, first = [], 0, 0
+        for n_local, f in zip(self.local_counts(), self.widths):
+            sl = slice(first, first + n_local)
+            n = sum(counts[sl])
+            offs = torch.tensor(counts[sl], device=x_SD.device).cumsum(0).to(torch.int32)
+            x = x_SD[tok: tok + n]
+            w1, w3 = self.w13[sl, :f], self.w13[sl, self.max_width: self.max_width + f]
+            h = F.silu(grouped_mm(x, w1.transpose(-2, -1), offs)) * grouped_mm(x, w3.transpose(-2, -1), offs)
+            outs.append(grouped_mm(h, self.w2[sl, :, :f].transpose(-2, -1), offs))
+            tok, first = tok + n, first + n_local
+        return torch.cat(outs)
+
+
+CLASSES = {**EXPERT_CLASSES, "per_group": PerGroupExperts}
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "mohge::grouped_mm",
+         "mohge::grouped_mm_weight_grad")
+
+
+def configs(d_model: int, scale: int) -> dict[str, MoEConfig]:
+    """MoHGE: 8 groups x 8 experts, widths 384..1280 step 128 divided by `scale`, top-6 of 4 kept
+    groups; MoE: 64 experts of the mean width, top-6 (equal activated parameters)."""
+    widths = [(384 + 128 * i) // scale for i in range(8)]
+    mohge = MoEConfig(groups=[ExpertGroupConfig(8, w) for w in widths], k_group=4, top_k=6,
+                      group_aux_start_fraction=0.0)
+    moe = MoEConfig(groups=[ExpertGroupConfig(64, sum(widths) // 8)], k_group=1, top_k=6)
+    return {"mohge": mohge, "moe": moe}
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live storages created inside the block (outputs of ops, forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+def build(kind: str, moe: MoEConfig, d_model: int, compute: str, device: str):
+    cls = CLASSES[compute]
+    if kind == "layer":
+        module = MoHGELayer(d_model, moe, "loop")
+    else:
+        cfg = ModelConfig(vocab_size=256, d_model=d_model, n_layers=1, n_heads=d_model // 64,
+                          n_kv_heads=d_model // 64, ffn_hidden_size=4 * d_model, max_seq_len=4096,
+                          first_k_dense=0, ffn_type="mohge", moe=moe)
+        module = TransformerBlock(cfg, 0, "loop")
+    layer = module if kind == "layer" else module.ffn
+    layer.experts = cls(d_model, moe.groups)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        layer.experts.zero_padding_()
+    return module.to(device)
+
+
+def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, repeats, backend):
+    module = build(kind, moe, d_model, compute, device)
+    x = torch.randn(tokens // seq, seq, d_model, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    rope = rope_cache(seq, 64, 10000.0, device=device) if kind == "block" else None
+    fn = torch.compile(module, backend=backend, fullgraph=True) if compiled else module
+
+    def step():
+        out = fn(x) if rope is None else fn(x, rope)
+        out.backward(grad)
+        return out
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    compile_s = time.perf_counter()
+    step()
+    sync()
+    compile_s = time.perf_counter() - compile_s
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    with count_host_syncs() as syncs:
+        step()
+        sync()
+    peak = PeakMemory()
+    with peak:
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    events = prof.events()
+    if device == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        gemm = sum(1 for e in kernels if any(s in e.name.lower() for s in ("gemm", "sm90", "cutlass", "matmul")))
+        ops = len(kernels)
+    else:
+        leaves = [e for e in events if e.name.startswith(("aten::", "mohge::")) and not e.cpu_children]
+        gemm = sum(1 for e in events if e.name in GEMMS and not any(c.name in GEMMS for c in e.cpu_children))
+        ops = len(leaves)
+    seconds = statistics.median(times)
+    return {"module": kind, "model": model, "experts": compute, "compiled": compiled,
+            "tokens_per_s": tokens / seconds, "ms": seconds * 1e3, "gemm_ops": gemm, "ops": ops,
+            "host_syncs": sum(syncs.values()), "peak_mb": peak.peak / 2**20, "first_call_s": compile_s}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench_moe.json")
+    p.add_argument("--d-model", type=int, default=0, help="default: 256 on CPU, 1024 on CUDA")
+    p.add_argument("--tokens", type=int, default=0, help="default: 512 on CPU, 16384 on CUDA")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    d_model = args.d_model or (1024 if cuda else 256)
+    tokens = args.tokens or (16384 if cuda else 512)
+    repeats = args.repeats or (20 if cuda else 3)
+    scale = 1024 // d_model
+    seq = min(tokens, 256 if not cuda else 2048)
+    torch.manual_seed(0)
+    cases = [("layer", "per_group", False), ("layer", "grouped", False), ("block", "grouped", False)]
+    if not args.no_compile:
+        cases += [("layer", "grouped", True), ("block", "grouped", True)]
+    rows = []
+    for kind, compute, compiled in cases:
+        for model, moe in configs(d_model, scale).items():
+            rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
+                                 repeats, args.backend))
+    by = {(r["module"], r["experts"], r["compiled"], r["model"]): r for r in rows}
+    for r in rows:
+        base = by[(r["module"], r["experts"], r["compiled"], "moe")]
+        r["vs_moe"] = r["tokens_per_s"] / base["tokens_per_s"]
+    head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
+            f"{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
+    print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}")
+    print(head)
+    for r in rows:
+        print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{r['host_syncs']:>6}"
+              f"{r['peak_mb']:>9.1f}{r['first_call_s']:>7.1f}")
+    report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats,
+              "backend": args.backend, "rows": rows}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
