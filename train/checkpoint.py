@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from mohge.train.errors import CheckpointError  # re-exported from the one errors module
+
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -38,10 +40,6 @@ META = "meta.json"
 # Fields of the model config that may change between save and resume (layout, not architecture).
 LAYOUT_FIELDS = {"expert_compute", "allocation", "capacity_factor", "group_aux_coeff", "intra_aux_coeff",
                  "z_loss_coeff", "group_aux_start_fraction", "max_seq_len"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
 def _rank() -> int:
