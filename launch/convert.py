@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mohge.train.checkpoint import (FORMAT_VERSION, LATEST, META, CheckpointError, checkpoint_root, is_complete,
                                     quiet_single_process, read_meta, resolve_resume, split_entry, step_dir)
+from mohge.train.errors import report
 
 EXPERT_KEY = re.compile(r"^(?P<name>.+)/expert/(?P<row>\d+)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -168,8 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"wrote {to_dcp(args.input, args.output)}")
     except CheckpointError as err:
-        print(f"mohge-convert: {err}", file=sys.stderr)
-        return 2
+        return report("convert", err)
     return 0
 
 

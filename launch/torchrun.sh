@@ -38,7 +38,7 @@ else
   rdzv=("--master-addr=${MASTER_ADDR:-127.0.0.1}" "--master-port=${MASTER_PORT:-29500}")
 fi
 
-cmd=("$PYTHON" -m torch.distributed.run "--nnodes=${NNODES}" "--node-rank=${NODE_RANK}"
+cmd=("$PYTHON" -m mohge.launch.run "--nnodes=${NNODES}" "--node-rank=${NODE_RANK}"
      "--nproc-per-node=${NPROC_PER_NODE}" "${rdzv[@]}" -m mohge.train.cli "$@" "${extra[@]}")
 echo "+ ${cmd[*]}" >&2
 if [[ "${DRY_RUN:-0}" == "1" ]]; then

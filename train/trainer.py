@@ -28,6 +28,7 @@ from mohge.parallel.reduce import reduce_scalars
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
 from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
+from mohge.train.errors import ConfigError
 from mohge.train.metrics import MetricsLogger
 from mohge.train.moe_metrics import collect_moe_metrics, weighted_aux_total
 from mohge.train.optim import build_optimizer, lr_at, set_lr
@@ -48,7 +49,7 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            raise ConfigError("train.device: cuda but no CUDA device is visible; use train.device=cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
