@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mohge.train.errors import ConfigError, run_tool
+from mohge.train.errors import ConfigError, UsageError, run_tool
 
 EPILOG = """\
 overrides are Hydra-style key=value pairs, e.g.
@@ -22,7 +22,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-name", "-cn", default="demo", help="preset in configs/ (default: demo)")
-    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the composed config with the resolved layout and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --print-config/--dry-run: resolve degrees for this many processes "
+                             "(default: $WORLD_SIZE or 1)")
     parser.add_argument(
         "--dry-run", action="store_true", help="build the model on the meta device, report its size, exit"
     )
@@ -71,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from mohge.train.hydra_config import compose_config, to_yaml
 
-    cfg = compose_config(args.config_name, args.overrides)
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size: must be >= 1 (got {args.world_size})")
+    cfg = compose_config(args.config_name, args.overrides, world_size=args.world_size)
     if args.print_config:
+        print(f"# layout: {cfg.layout_line()}")
         print(to_yaml(cfg))
         return 0
     if args.dry_run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -73,7 +74,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        """Fail at start-up, naming the field, on any combination that cannot run."""
+        """Fail at start-up, naming the field, on any combination that cannot run. An inferred
+        parallel.dp_shard (-1) is resolved first from WORLD_SIZE (set by torchrun; 1 otherwise)."""
+        if self.parallel.dp_shard == -1:
+            self.parallel = self.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
         self.model.validate()
         self.parallel.validate()
         p = self.parallel
@@ -111,9 +115,12 @@ class RunConfig:
             raise ConfigError("train.micro_batch_size: must be >= 1")
         dp = self.parallel.dp_replicate * self.parallel.dp_shard
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+            fits = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * dp) == 0]
+            hint = (f"e.g. train.micro_batch_size={fits[0]}" if fits else
+                    f"e.g. train.global_batch_size={t.micro_batch_size * dp}")
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel degree ({dp})"
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel degree ({dp}); {hint}"
             )
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: must be one of {PRECISIONS}")
@@ -185,6 +192,13 @@ class RunConfig:
         if len(split) != 3 or not all(x.strip().replace(".", "", 1).isdigit() for x in split) or \
                 sum(float(x) for x in split) <= 0:
             raise ConfigError(f"data.split: {d.split!r} must be three non-negative shares, e.g. data.split=969,30,1")
+
+    def layout_line(self) -> str:
+        """The resolved layout in one line (for --print-config and the start-up banner)."""
+        p, t = self.parallel, self.train
+        return (f"world {p.world_size} = dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp}; "
+                f"ep {p.ep}; global batch {t.global_batch_size} = micro {t.micro_batch_size} x dp "
+                f"{p.dp_replicate * p.dp_shard} x accumulation {self.grad_accum_steps}")
 
     @property
     def grad_accum_steps(self) -> int:

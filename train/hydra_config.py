@@ -17,8 +17,9 @@ from mohge.train.config import RunConfig
 SCHEMA_NAME = "mohge_schema"
 
 
-def compose_config(config_name: str = "demo", overrides: Sequence[str] = ()) -> RunConfig:
-    """Preset + overrides -> a validated RunConfig object; bad keys or values raise ConfigError."""
+def compose_config(config_name: str = "demo", overrides: Sequence[str] = (), world_size: int | None = None) -> RunConfig:
+    """Preset + overrides -> a validated RunConfig object; bad keys or values raise ConfigError.
+    Inferred degrees (parallel.dp_shard=-1) resolve against `world_size` (default: $WORLD_SIZE or 1)."""
     overrides = [quote_split(o) for o in overrides]
     for override in overrides:
         if override.startswith("+"):
@@ -34,6 +35,8 @@ def compose_config(config_name: str = "demo", overrides: Sequence[str] = ()) -> 
         raise ConfigError(hydra_error_line(err, config_name)) from err
     finally:
         GlobalHydra.instance().clear()
+    if world_size is not None:
+        run.parallel = run.parallel.resolved(world_size)
     run.validate()
     return run
 
