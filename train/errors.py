@@ -82,5 +82,8 @@ def run_tool(tool: str, fn: Callable[[], Optional[int]]) -> int:
     """Runs a CLI body: user mistakes (MohgeError, OSError) become one line and exit code 2."""
     try:
         return fn() or 0
+    except BrokenPipeError:  # `mohge-train --print-config | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (MohgeError, OSError) as err:
         return report(tool, err)
