@@ -66,6 +66,10 @@ def hydra_error_line(err: BaseException, config_name: str) -> str:
         options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]
                    if line.startswith("\t") and "=" not in line]
         return f"{group}={group_option.split('/', 1)[-1]}: no such option; use one of {', '.join(options)}"
+    if "LexerNoViableAltException" in text or "Error parsing override" in text:
+        bad = first.split(": ", 1)[-1] if "LexerNoViableAltException" in text else first.split("'")[1]
+        return (f"{bad}: Hydra cannot parse this override; write key=value, quoting a value with spaces, "
+                "commas or quotes: key='...' (key=\"it's\" for a single quote)")
     if full_key and "not in" in first:
         return f"{full_key}: no such field; check the spelling (mohge-train --print-config lists every field)"
     if full_key:
