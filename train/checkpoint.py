@@ -190,6 +190,7 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
         "data": data_state,
         "model": asdict(run_config.model),
         "parallel": asdict(run_config.parallel),
+        "data_config": asdict(run_config.data),  # mohge-convert copies its tokenizer into exports
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "saved_at": time.time(),
         **(extra or {}),
