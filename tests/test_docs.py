@@ -134,6 +134,8 @@ def test_plan_render_and_dry_run_commands_run(tmp_path, capsys, monkeypatch):
             argv = [a for a in argv if "|" not in a]
             assert plan_main(argv[1:]) == 0, command
         elif argv[:3] == ["python", "-m", "mohge.launch.render"]:
+            i = argv.index("--out-dir") + 1  # render creates it: keep it under tmp_path
+            argv[i] = str(tmp_path / argv[i].lstrip("/"))
             assert render_main(argv[3:]) == 0, (command, capsys.readouterr().err)
             assert (tmp_path / "job.sbatch").exists()
         elif argv[0] == "mohge-train" and ("--dry-run" in argv or "--print-config" in argv):

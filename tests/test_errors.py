@@ -101,7 +101,8 @@ def test_user_error_under_torchrun_is_one_line_exit_2(tmp_path):
     """Two processes through launch/torchrun.sh: one line (rank 0's), exit 2, no failure block."""
     env = {**os.environ, "MOHGE_CPU": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *TINY, f"out_dir={tmp_path}", "train.lr=-1"],
+    args = [*TINY, f"out_dir={tmp_path}", "train.micro_batch_size=2", "train.lr=-1"]  # dp_shard inferred: 2
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *args],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if not l.startswith("+ ")]  # the script echoes its command
