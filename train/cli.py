@@ -85,6 +85,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_model(cfg))
         return 0
+    import warnings
+
+    # megatron-core's import-time notices about optional kernels mohge does not use, once per rank.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from mohge.train.trainer import train
 
     check_out_dir(cfg.out_dir)
