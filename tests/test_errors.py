@@ -107,3 +107,8 @@ def test_user_error_under_torchrun_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if not l.startswith("+ ")]  # the script echoes its command
     assert lines == ["mohge-train: config error: train.lr: must be > 0 (got -1.0)"], proc.stderr
+
+
+def test_usage_error_is_one_line(capsys):
+    line = _one_line(capsys, [*TINY, "--print-config", "--world-size", "0"])
+    assert line == "mohge-train: usage error: --world-size: must be >= 1 (got 0)"
