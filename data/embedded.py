@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from mohge.data.errors import DataError
+from mohge.train.errors import report
 
 VERSION = 1
 VOCAB_SIZE = 4096
@@ -79,8 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         d = prepare(args.dir)
     except DataError as err:
-        print(f"mohge-prepare-demo: {err}", file=sys.stderr)
-        return 2
+        return report("prepare-demo", err)
     print(f"embedded corpus ready: {d}")
     return 0
 

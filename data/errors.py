@@ -1,5 +1,5 @@
-"""The data layer's error: the message names the file and the fix."""
+"""The data layer's error (defined with the others in mohge.train.errors; kept importable here)."""
 
+from mohge.train.errors import DataError
 
-class DataError(ValueError):
-    pass
+__all__ = ["DataError"]

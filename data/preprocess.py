@@ -21,6 +21,7 @@ import numpy as np
 
 from mohge.data.errors import DataError
 from mohge.data.tokenizers import load_tokenizer
+from mohge.train.errors import report
 
 
 @dataclass
@@ -161,8 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.on_bad_line)
     except DataError as err:
-        print(f"mohge-preprocess: {err}", file=sys.stderr)
-        return 2
+        return report("preprocess", err)
     skipped = sum(summary["skipped_lines"].values())
     print(f"{summary['documents']} documents, {summary['tokens']} tokens, {summary['bytes'] / 1e6:.1f} MB in "
           f"{summary['seconds']:.1f}s ({summary['mb_per_s']:.1f} MB/s, {summary['tokens_per_s']:.0f} tokens/s)"

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 from mohge.data.errors import DataError
 from mohge.data.tokenizers import EOD_TOKEN, HFTokenizer
+from mohge.train.errors import report
 
 
 def iter_texts(paths: list[str]) -> Iterator[str]:
@@ -52,8 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         tok = train_bpe(args.input, args.vocab_size, args.output, args.special_tokens, args.min_frequency)
     except DataError as err:
-        print(f"mohge-train-tokenizer: {err}", file=sys.stderr)
-        return 2
+        return report("train-tokenizer", err)
     print(f"wrote {args.output}/tokenizer.json: vocab {tok.vocab_size}, eod {tok.eod}, "
           f"{time.perf_counter() - start:.1f}s")
     return 0

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mohge.train.checkpoint import (FORMAT_VERSION, LATEST, META, CheckpointError, checkpoint_root, is_complete,
                                     quiet_single_process, read_meta, resolve_resume, split_entry, step_dir)
+from mohge.train.errors import report
 
 EXPERT_KEY = re.compile(r"^(?P<name>.+)/expert/(?P<row>\d+)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,27 +76,71 @@ def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, max_shard_gb: float = 0.0) -> list[Path]:
+def _say(message: str) -> None:
+    """Progress on stderr (stdout keeps the final summary)."""
+    print(f"mohge-convert: {message}", file=sys.stderr, flush=True)
+
+
+def _readable(file: Path) -> None:
+    """safetensors writes 0600; exports are shared, so 0644 (less what the umask removes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o644 & ~umask)
+
+
+def tokenizer_files(meta: dict, tokenizer: Optional[str] = None) -> list[Path]:
+    """The tokenizer file(s) the checkpoint was trained with (or `tokenizer`); [] for synthetic/bytes."""
+    data = meta.get("data_config") or {}
+    if tokenizer is None:
+        if data.get("source") == "embedded":
+            from mohge.data.embedded import default_dir
+
+            tokenizer = str(Path(data.get("embedded_dir") or default_dir()) / "tokenizer.json")
+        elif data.get("source") == "megatron":
+            tokenizer = data.get("tokenizer")
+    if tokenizer in (None, "", "bytes"):
+        return []
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the tokenizer to copy into the export does not exist; pass --tokenizer PATH "
+                              "(or --tokenizer bytes for none)")
+    return [path]
+
+
+def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, max_shard_gb: float = 0.0,
+                   tokenizer: Optional[str] = None) -> list[Path]:
     from safetensors.torch import save_file
 
     path = _checkpoint_dir(checkpoint)
     meta = read_meta(path)
+    tokenizers = tokenizer_files(meta, tokenizer)
+    _say(f"reading {path} (step {meta['step']})")
     state = load_consolidated(path)
+    _say(f"loaded {len(state)} tensors, {sum(t.numel() * t.element_size() for t in state.values()) / 1e6:.1f} MB")
     if dtype:
         state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"model": meta["model"], "step": meta["step"],
                                                  "format": "mohge", "format_version": FORMAT_VERSION}, indent=1))
+    for file in tokenizers:
+        shutil.copyfile(file, out / file.name)
+        _say(f"copied tokenizer {file} -> {out / file.name}")
     shards = _shard(state, max_shard_gb)
     if len(shards) == 1:
         files = [out / "model.safetensors"]
         save_file(shards[0], str(files[0]), metadata={"format": "pt"})
+        _readable(files[0])
+        _say(f"wrote {files[0]}")
         return files
     files, index = [], {}
     for i, shard in enumerate(shards):
         file = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(file), metadata={"format": "pt"})
+        _readable(file)
+        _say(f"wrote {file.name} ({i + 1}/{len(shards)})")
         files.append(file)
         index.update({k: file.name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
@@ -157,19 +204,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.add_argument("--output", required=True)
     a.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="e.g. bf16 for inference-only weights")
     a.add_argument("--max-shard-gb", type=float, default=0.0, help="split into shards + index (0: one file)")
+    a.add_argument("--tokenizer", default=None, help="tokenizer to copy into the export (default: the one the run "
+                                                     "trained with; 'bytes': none)")
     b = sub.add_parser("to-dcp", help="consolidated safetensors -> weights-only sharded checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-safetensors":
-            files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb)
+            files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb, args.tokenizer)
             print(f"wrote {len(files)} file(s) and config.json to {args.output}")
         else:
             print(f"wrote {to_dcp(args.input, args.output)}")
     except CheckpointError as err:
-        print(f"mohge-convert: {err}", file=sys.stderr)
-        return 2
+        return report("convert", err)
     return 0
 
 

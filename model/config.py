@@ -9,15 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from mohge.train.errors import ConfigError  # re-exported: defined in the one errors module
+
 TOPK_MODES = ("global", "per_group")
 COMBINE_MODES = ("renormalize", "authors")
 EXPERT_COMPUTE = ("auto", "loop", "grouped")
 ALLOCATIONS = ("all_size", "group_coupled")
 FFN_TYPES = ("dense", "mohge")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:

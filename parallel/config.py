@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mohge.model.config import ConfigError
 
@@ -14,12 +14,15 @@ ACTIVATION_CHECKPOINT = ("none", "selective", "full")
 class ParallelConfig:
     """Degrees multiply to the world size: dp_replicate * dp_shard * tp * pp.
 
+    `dp_shard=-1` (the default) is inferred from the world size, as torchtitan does and as
+    Megatron infers its data-parallel degree; every other degree is given.
+
     Expert parallel (ep) is carved out of the data-parallel ranks (dp_replicate * dp_shard * tp
     must be a multiple of ep... see ParallelDims), as large MoE frameworks do.
     """
 
     dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_shard: int = -1  # -1: what is left of the world size after dp_replicate x tp x pp (see resolved)
     tp: int = 1
     sequence_parallel: bool = True  # with tp > 1, also shard norms/dropout regions over sequence
     pp: int = 1
@@ -30,8 +33,21 @@ class ParallelConfig:
     activation_checkpoint: str = "none"
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
 
+    def resolved(self, world_size: int) -> "ParallelConfig":
+        """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""
+        if self.dp_shard != -1:
+            return self
+        self.validate()
+        others = self.dp_replicate * self.tp * self.pp
+        if world_size % others:
+            raise ConfigError(f"parallel.dp_shard=-1: the world size {world_size} is not divisible by dp_replicate "
+                              f"x tp x pp = {others}; change those degrees or the number of processes")
+        return replace(self, dp_shard=world_size // others)
+
     def validate(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard: must be >= 1, or -1 to infer it (got {self.dp_shard})")
+        for name in ("dp_replicate", "tp", "pp", "ep", "pp_virtual_stages"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1 (got {getattr(self, name)})")
         if self.pp_schedule not in PP_SCHEDULES:

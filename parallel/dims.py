@@ -29,6 +29,7 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+        cfg = cfg.resolved(world_size)
         cfg.validate()
         dims = cls(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep, world_size)
         dims.validate()

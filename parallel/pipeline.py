@@ -90,6 +90,22 @@ def build_stages(model: nn.Module, specs: list[tuple[int, range, bool, bool]]) -
     return [StageModule(model, index, layers, first, last) for index, layers, first, last in specs]
 
 
+def quiet_inference_stage(base: type) -> type:
+    """`base` whose shape-inference forward records no MoE routing statistics: it runs on the
+    first micro-batch (first stage) or on uninitialised tensors (later stages), so counting it
+    would skew group fractions and could make the logged aux losses NaN."""
+    from mohge.model.moe.layer import recording_suspended
+
+    def wrap(name):
+        def method(self, *args, **kwargs):
+            with recording_suspended(self.submod):
+                return getattr(base, name)(self, *args, **kwargs)
+        return method
+
+    names = [n for n in ("_forward_metadata_inference", "_shape_inference") if hasattr(base, n)]
+    return type("QuietInferenceStage", (base,), {n: wrap(n) for n in names})
+
+
 class Pipeline:
     """The schedule over this rank's stages; `step` runs one optimizer step's micro-batches."""
 
@@ -98,7 +114,8 @@ class Pipeline:
 
         self.group, self.device = group, device
         num_stages = pp * len(stages)
-        pipeline_stages = [pipelining.PipelineStage(m, m.index, num_stages, device, group=group) for m in stages]
+        stage_cls = quiet_inference_stage(pipelining.PipelineStage)
+        pipeline_stages = [stage_cls(m, m.index, num_stages, device, group=group) for m in stages]
         self.has_first = any(m.first for m in stages)
         self.has_last = any(m.last for m in stages)
         cls = getattr(pipelining, SCHEDULES[schedule])

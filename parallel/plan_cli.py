@@ -13,6 +13,7 @@ from typing import Optional
 
 from mohge.model.config import ConfigError
 from mohge.parallel.allocation import allocate
+from mohge.train.errors import report as report_error
 
 
 def _traffic(text: str) -> list[float]:
@@ -96,8 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         strategies = ["all_size", "group_coupled"] if args.allocation == "both" else [args.allocation]
         reports = [plan(cfg, ep, s, args.group_traffic) for ep in args.ep for s in strategies]
     except ConfigError as err:
-        print(f"mohge-plan: {err}", file=sys.stderr)
-        return 2
+        return report_error("plan", err)
     if args.json:
         print(json.dumps({"config": args.config_name, "plans": reports}, indent=1))
         return 0

@@ -55,7 +55,7 @@ def test_active_params_follow_group_traffic():
         ("model.moe.allocation=random", "model.moe.allocation"),
         ("model.moe.group_aux_start_fraction=1.5", "model.moe.group_aux_start_fraction"),
         ("train.fp8=te", "train.fp8"),
-        ("parallel.tp=3", "model.n_heads"),
+        ("parallel.tp=3 parallel.dp_shard=1", "model.n_heads"),
         ("model.moe.expert_compute=grouped model.moe.groups.0.ffn_hidden_size=12", "model.moe.groups[0].ffn_hidden_size"),
     ],
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,38 @@ def test_convert_errors_name_the_path(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert convert_main(["to-dcp", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_load_for_eval_matches_the_trained_model(run_dir, tmp_path):
+    """The public loader gives the training model's logits from a run dir and from an export."""
+    from mohge.launch.load import load_for_eval
+
+    trainer = Trainer(compose_config("tiny_mohge", [*COMMON, f"out_dir={run_dir}", "checkpoint.resume=auto"]))
+    trainer.model.eval()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trainer.model(tokens)
+    convert_main(["to-safetensors", "--checkpoint", str(run_dir), "--output", str(tmp_path / "st")])
+    for source in (str(run_dir), str(tmp_path / "st")):
+        model, cfg = load_for_eval(source)
+        assert not model.training and cfg.vocab_size == 256
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
+
+
+def test_export_is_group_readable_reports_progress_and_copies_the_tokenizer(run_dir, tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    old = os.umask(0o022)
+    try:
+        assert convert_main(["to-safetensors", "--checkpoint", str(run_dir), "--output", str(tmp_path / "st"),
+                             "--tokenizer", str(tmp_path / "tok")]) == 0
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert "mohge-convert: reading " in err and "mohge-convert: wrote " in err and "copied tokenizer" in err
+    assert stat.S_IMODE((tmp_path / "st" / "model.safetensors").stat().st_mode) == 0o644
+    assert (tmp_path / "st" / "tokenizer.json").read_text() == "{}"
+    assert convert_main(["to-safetensors", "--checkpoint", str(run_dir), "--output", str(tmp_path / "x"),
+                         "--tokenizer", str(tmp_path / "missing")]) == 2
+    assert "the tokenizer to copy into the export does not exist" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from mohge.parallel.dims import ParallelDims
 
 def test_degrees_must_multiply_to_world_size():
     with pytest.raises(ConfigError, match=r"= 2, but the job has 4 processes; e.g. parallel.dp_shard=2"):
-        ParallelDims.from_config(ParallelConfig(tp=2), 4)
+        ParallelDims.from_config(ParallelConfig(dp_shard=1, tp=2), 4)
 
 
 def test_ep_must_divide_data_parallel_degree():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def _val_losses(lines: list[dict]) -> list[float]:
     return val
 
 
+def _assert_same_metrics(lines: list[dict], reference: list[dict]) -> None:
+    """The logged metrics equal the single process at every step: the total loss and every aux
+    term (finite), and per MoE layer the group fractions and expert loads over the same tokens."""
+    assert len(lines) == len(reference)
+    for got, want in zip(lines, reference):
+        for key in ("loss", "lm_loss", "group_aux_loss", "intra_group_aux_loss", "z_loss"):
+            assert math.isfinite(got[key]), (got["step"], key, got[key])
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+        assert sorted(got["moe"]) == sorted(want["moe"])  # every stage's layers reported
+        for name, layer in want["moe"].items():
+            for key in ("group_fraction", "expert_load"):
+                assert got["moe"][name][key] == pytest.approx(layer[key], abs=1e-6), (got["step"], name, key)
+
+
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ref")
@@ -95,6 +110,7 @@ def test_layout_matches_single_process(tmp_path, reference, reference_dir, layou
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
     assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
     _assert_same_weights(tmp_path, reference_dir)
+    _assert_same_metrics(lines, reference)
     layer = lines[0]["moe"]["layers.0.ffn"]
     ref_layer = reference[0]["moe"]["layers.0.ffn"]
     assert layer["expert_load"] == pytest.approx(ref_layer["expert_load"])  # counts summed over dp
@@ -178,8 +194,7 @@ def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, pp_refere
     lines = _run(tmp_path, _nproc(layout), *PP, *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in pp_reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in pp_reference], rel=1e-4)
-    assert sorted(lines[-1]["moe"]) == sorted(pp_reference[-1]["moe"])  # every stage's layers reported
-    assert lines[-1]["intra_group_aux_loss"] == pytest.approx(pp_reference[-1]["intra_group_aux_loss"], rel=1e-4)
+    _assert_same_metrics(lines, pp_reference)
     assert _val_losses(lines) == pytest.approx(_val_losses(pp_reference), rel=1e-5)
     _assert_same_weights(tmp_path, pp_reference_dir)
 

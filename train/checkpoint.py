@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from mohge.train.errors import CheckpointError  # re-exported from the one errors module
+
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -38,10 +40,6 @@ META = "meta.json"
 # Fields of the model config that may change between save and resume (layout, not architecture).
 LAYOUT_FIELDS = {"expert_compute", "allocation", "capacity_factor", "group_aux_coeff", "intra_aux_coeff",
                  "z_loss_coeff", "group_aux_start_fraction", "max_seq_len"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what is wrong."""
 
 
 def _rank() -> int:
@@ -195,6 +193,7 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
         "data": data_state,
         "model": asdict(run_config.model),
         "parallel": asdict(run_config.parallel),
+        "data_config": asdict(run_config.data),  # mohge-convert copies its tokenizer into exports
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "saved_at": time.time(),
         **(extra or {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mohge.model.config import ConfigError
+from mohge.train.errors import ConfigError, UsageError, run_tool
 
 EPILOG = """\
 overrides are Hydra-style key=value pairs, e.g.
@@ -22,7 +22,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-name", "-cn", default="demo", help="preset in configs/ (default: demo)")
-    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the composed config with the resolved layout and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --print-config/--dry-run: resolve degrees for this many processes "
+                             "(default: $WORLD_SIZE or 1)")
     parser.add_argument(
         "--dry-run", action="store_true", help="build the model on the meta device, report its size, exit"
     )
@@ -49,32 +53,46 @@ def describe_model(cfg) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mohge.train.hydra_config import compose_config, to_yaml
+def check_out_dir(out_dir: str) -> None:
+    """Fails before any work when out_dir cannot be created or written (it holds metrics and checkpoints)."""
+    import os
+    import tempfile
 
     try:
-        cfg = compose_config(args.config_name, args.overrides)
-    except ConfigError as err:
-        print(f"mohge-train: config error: {err}", file=sys.stderr)
-        return 2
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"out_dir: {out_dir} is not writable ({err.strerror or err}); choose a writable "
+                          "directory with out_dir=PATH") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_tool("train", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mohge.train.hydra_config import compose_config, to_yaml
+
+    if args.world_size is not None and args.world_size < 1:
+        raise UsageError(f"--world-size: must be >= 1 (got {args.world_size})")
+    cfg = compose_config(args.config_name, args.overrides, world_size=args.world_size)
     if args.print_config:
+        print(f"# layout: {cfg.layout_line()}")
         print(to_yaml(cfg))
         return 0
     if args.dry_run:
         print(describe_model(cfg))
         return 0
-    from mohge.train.checkpoint import CheckpointError
+    import warnings
+
+    # megatron-core's import-time notices about optional kernels mohge does not use, once per rank.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from mohge.train.trainer import train
 
-    try:
-        train(cfg)
-    except ConfigError as err:
-        print(f"mohge-train: config error: {err}", file=sys.stderr)
-        return 2
-    except CheckpointError as err:
-        print(f"mohge-train: checkpoint error: {err}", file=sys.stderr)
-        return 2
+    check_out_dir(cfg.out_dir)
+    train(cfg)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,6 +11,8 @@ from mohge.model.config import ConfigError, ModelConfig
 from mohge.parallel.config import ParallelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_SOURCES = ("embedded", "megatron", "synthetic")
 FP8_BACKENDS = ("none", "te", "torchao")
 
 
@@ -73,7 +76,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        """Fail at start-up, naming the field, on any combination that cannot run."""
+        """Fail at start-up, naming the field, on any combination that cannot run. An inferred
+        parallel.dp_shard (-1) is resolved first from WORLD_SIZE (set by torchrun; 1 otherwise)."""
+        if self.parallel.dp_shard == -1:
+            self.parallel = self.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
         self.model.validate()
         self.parallel.validate()
         p = self.parallel
@@ -111,9 +117,12 @@ class RunConfig:
             raise ConfigError("train.micro_batch_size: must be >= 1")
         dp = self.parallel.dp_replicate * self.parallel.dp_shard
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+            fits = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * dp) == 0]
+            hint = (f"e.g. train.micro_batch_size={fits[0]}" if fits else
+                    f"e.g. train.global_batch_size={t.micro_batch_size * dp}")
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel degree ({dp})"
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel degree ({dp}); {hint}"
             )
         if t.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: must be one of {PRECISIONS}")
@@ -141,6 +150,65 @@ class RunConfig:
             raise ConfigError("train.min_lr_ratio: must lie in [0, 1]")
         if t.log_every < 1:
             raise ConfigError("train.log_every: must be >= 1")
+        self.validate_more()
+
+    def validate_more(self) -> None:
+        """Numbers that must be positive, names that must exist, and options that would do nothing."""
+        t, d = self.train, self.data
+        checks = [
+            (t.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1 (got {t.global_batch_size})"),
+            (t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})"),
+            (t.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {t.weight_decay})"),
+            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", f"must lie in [0, 1) (got {t.beta1}, {t.beta2})"),
+            (t.eps > 0, "train.eps", f"must be > 0 (got {t.eps})"),
+            (t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, 0 disables clipping (got {t.grad_clip})"),
+            (t.eval_every >= 0, "train.eval_every", f"must be >= 0, 0 disables validation (got {t.eval_every})"),
+            (t.eval_iters >= 1 or t.eval_every == 0, "train.eval_iters",
+             f"must be >= 1 when train.eval_every > 0 (got {t.eval_iters}); or set train.eval_every=0"),
+            (t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})"),
+            (t.lr_decay_steps is None or t.lr_decay_steps >= 1, "train.lr_decay_steps",
+             f"must be >= 1 or null (got {t.lr_decay_steps})"),
+            (t.device in DEVICES, "train.device", f"unknown device {t.device!r}; use one of {DEVICES}"),
+            (bool(str(self.out_dir).strip()), "out_dir", "is empty; give out_dir=PATH"),
+            (d.source in DATA_SOURCES, "data.source", f"unknown source {d.source!r}; use data=embedded|megatron|synthetic"),
+            (d.num_workers >= 0, "data.num_workers", f"must be >= 0 (got {d.num_workers})"),
+        ]
+        for ok, name, problem in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {problem}")
+        if d.source != "megatron":  # these would be silently ignored
+            for name, value in (("tokenizer", d.tokenizer), ("prefixes", d.prefixes), ("weights", d.weights)):
+                if value:
+                    raise ConfigError(f"data.{name}: only read with data=megatron (this run uses data={d.source}); "
+                                      f"add data=megatron to the command line or drop data.{name}")
+        else:
+            if not d.prefixes:
+                raise ConfigError("data.prefixes: empty; give data.prefixes=[PREFIX,...] (see mohge-preprocess)")
+            if d.weights and len(d.weights) != len(d.prefixes):
+                raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.prefixes)} prefixes; give one "
+                                  "per prefix")
+            if any(w < 0 for w in d.weights) or (d.weights and sum(d.weights) <= 0):
+                raise ConfigError(f"data.weights: {list(d.weights)} must be >= 0 with a positive sum")
+        if d.source == "embedded":
+            from mohge.data.embedded import VOCAB_SIZE
+
+            if self.model.vocab_size < VOCAB_SIZE:
+                raise ConfigError(f"model.vocab_size: {self.model.vocab_size} is smaller than the embedded corpus's "
+                                  f"tokenizer ({VOCAB_SIZE} tokens); set model.vocab_size={VOCAB_SIZE} or use "
+                                  "data=synthetic")
+        if d.source != "embedded" and d.embedded_dir:
+            raise ConfigError(f"data.embedded_dir: only read with data=embedded (this run uses data={d.source}); drop it")
+        split = str(d.split).split(",")
+        if len(split) != 3 or not all(x.strip().replace(".", "", 1).isdigit() for x in split) or \
+                sum(float(x) for x in split) <= 0:
+            raise ConfigError(f"data.split: {d.split!r} must be three non-negative shares, e.g. data.split=969,30,1")
+
+    def layout_line(self) -> str:
+        """The resolved layout in one line (for --print-config and the start-up banner)."""
+        p, t = self.parallel, self.train
+        return (f"world {p.world_size} = dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp}; "
+                f"ep {p.ep}; global batch {t.global_batch_size} = micro {t.micro_batch_size} x dp "
+                f"{p.dp_replicate * p.dp_shard} x accumulation {self.grad_accum_steps}")
 
     @property
     def grad_accum_steps(self) -> int:

@@ -19,15 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mohge.model.moe.layer import moe_layers, recording_suspended, set_group_aux_active
+from mohge.model.moe.layer import recording_suspended, set_group_aux_active
 from mohge.model.transformer import build_model
 from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
+from mohge.parallel.reduce import reduce_scalars
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
 from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
+from mohge.train.errors import ConfigError
 from mohge.train.metrics import MetricsLogger
+from mohge.train.moe_metrics import collect_moe_metrics, weighted_aux_total
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
@@ -46,7 +49,7 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+            raise ConfigError("train.device: cuda but no CUDA device is visible; use train.device=cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -96,68 +99,6 @@ def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.dev
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
     return model
-
-
-def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
-    """Per MoE layer: group token fractions, expert loads and aux losses since the last call.
-
-    With expert parallel, also the tokens and expert FLOPs each EP rank received and their
-    imbalance ratio (max / mean). Counts are summed over data-parallel ranks.
-    """
-    per_layer, totals = {}, {"group_aux_loss": 0.0, "intra_group_aux_loss": 0.0, "z_loss": 0.0}
-    for name, layer in moe_layers(model):
-        stats = layer.stats.pop()
-        if not stats["forwards"]:
-            continue
-        # Counts are summed and loss values averaged over data-parallel ranks, in one reduction.
-        losses = [stats[k] for k in totals]
-        packed = torch.cat([stats["tokens_per_expert"], torch.tensor([stats.get("dropped_slots", 0.0), *losses]).double()])
-        if ctx.distributed and ctx.dims.dp > 1:
-            packed = packed.to(next(model.parameters()).device)
-            dist.all_reduce(packed, group=ctx.group("dp"))
-            packed = packed.cpu()
-            packed[-len(losses):] /= ctx.dims.dp
-        n = len(losses) + 1
-        tokens_per_expert, dropped = packed[:-n], float(packed[-n])
-        stats.update({k: float(v) for k, v in zip(totals, packed[-len(losses):])})
-        offsets = layer.cfg.group_offsets()
-        slots = float(tokens_per_expert.sum()) or 1.0
-        group_slots = [float(tokens_per_expert[offsets[g] : offsets[g + 1]].sum()) for g in range(len(offsets) - 1)]
-        entry = {
-            "group_fraction": [s / slots for s in group_slots],
-            "expert_load": [float(c) / slots for c in tokens_per_expert],
-            **{k: stats[k] for k in totals},
-        }
-        if layer.cfg.capacity_factor is not None:
-            entry["dropped_fraction"] = dropped / (dropped + slots)
-        placement = getattr(layer, "placement", None)
-        if placement is not None:
-            from mohge.parallel.allocation import flop_imbalance
-
-            d_model = layer.router.group_gate.weight.shape[-1]
-            entry["ep_rank_tokens"] = [
-                float(sum(tokens_per_expert[e] for e in placement.local_experts(r))) for r in range(placement.ep_size)
-            ]
-            entry["ep_flop_imbalance"] = flop_imbalance(placement, tokens_per_expert.tolist(), d_model)
-        per_layer[name] = entry
-    if ctx.distributed and ctx.dims.pp > 1:  # every stage reports its own layers
-        gathered: list = [None] * ctx.dims.pp
-        dist.all_gather_object(gathered, per_layer, group=ctx.group("pp"))
-        per_layer = {name: entry for part in gathered for name, entry in sorted(part.items())}
-    for k in totals:
-        totals[k] = sum(e[k] for e in per_layer.values()) / max(len(per_layer), 1)
-    return {"moe": per_layer, **totals}
-
-
-def weighted_aux_total(moe_cfg, metrics: dict, group_aux_active: bool) -> float:
-    """The auxiliary terms' contribution to the objective, from the per-layer mean values."""
-    group_coeff = moe_cfg.group_aux_coeff if group_aux_active else 0.0
-    return sum(
-        group_coeff * entry["group_aux_loss"]
-        + moe_cfg.intra_aux_coeff * entry["intra_group_aux_loss"]
-        + moe_cfg.z_loss_coeff * entry["z_loss"]
-        for entry in metrics["moe"].values()
-    )
 
 
 def status_line(step: int, total: int, m: dict) -> str:
@@ -290,10 +231,8 @@ class Trainer:
                     total += self.pipeline.evaluate(batches[i : i + self.n_micro])
         reshard(model)
         model.train()
-        value = torch.tensor([total, len(batches)], dtype=torch.float64, device=device)
-        if self.ctx.distributed and self.ctx.dims.dp > 1:
-            dist.all_reduce(value, group=self.ctx.group("dp"))
-        return float(value[0] / value[1].clamp_min(1))
+        total, count = reduce_scalars([total, len(batches)], self.ctx, "dp", device)
+        return total / max(count, 1)
 
     def optimizer_step(self) -> torch.Tensor:
         """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
@@ -331,10 +270,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         loss = self.forward_backward()
         grad_norm = self.optimizer_step()
-        if self.ctx.distributed and self.ctx.dims.dp > 1:
-            reduced = torch.tensor(loss, dtype=torch.float64, device=self.device)
-            dist.all_reduce(reduced, group=self.ctx.group("dp"))
-            loss = float(reduced) / self.ctx.dims.dp
+        loss = reduce_scalars([loss], self.ctx, "dp", self.device, mean=True)[0]
         self.step += 1
         return loss, grad_norm, lr
 

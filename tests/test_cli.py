@@ -1,0 +1,44 @@
+"""mohge-train's command line: inferred degrees and the resolved layout in --print-config."""
+
+from __future__ import annotations
+
+import pytest
+
+from mohge.model.config import ConfigError
+from mohge.parallel.config import ParallelConfig
+from mohge.parallel.dims import ParallelDims
+from mohge.train.cli import main
+from mohge.train.hydra_config import compose_config
+
+
+def test_dp_shard_is_inferred_from_the_world_size():
+    cfg = compose_config("tiny_mohge", ["parallel.tp=2", "parallel.ep=2", "train.micro_batch_size=1"], world_size=8)
+    assert (cfg.parallel.dp_shard, cfg.grad_accum_steps) == (4, 1)
+    dims = ParallelDims.from_config(ParallelConfig(dp_replicate=2, pp=2), 16)  # dp_shard -1 by default
+    assert (dims.dp_replicate, dims.dp_shard, dims.pp) == (2, 4, 2)
+
+
+def test_dp_shard_inferred_from_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_config("tiny_mohge", ["parallel.ep=2", "train.micro_batch_size=2"])
+    assert (cfg.parallel.dp_shard, cfg.grad_accum_steps) == (2, 1)
+
+
+def test_accumulation_error_only_when_it_cannot_divide():
+    assert compose_config("tiny_mohge", ["train.micro_batch_size=1"], world_size=2).grad_accum_steps == 2
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 4 must be a multiple of .* \(4\) x "
+                                          r"data-parallel degree \(2\); e.g. train.micro_batch_size=2"):
+        compose_config("tiny_mohge", [], world_size=2)
+    with pytest.raises(ConfigError, match=r"parallel.dp_shard=-1: the world size 6 is not divisible by .* = 4"):
+        compose_config("tiny_mohge", ["parallel.tp=4"], world_size=6)
+    with pytest.raises(ConfigError, match=r"parallel.dp_shard: must be >= 1, or -1"):
+        compose_config("tiny_mohge", ["parallel.dp_shard=0"])
+
+
+def test_print_config_shows_the_resolved_layout(capsys):
+    assert main(["--config-name", "tiny_mohge", "--print-config", "--world-size", "8", "parallel.tp=2",
+                 "parallel.ep=2", "train.global_batch_size=16", "train.micro_batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("# layout: world 8 = dp_replicate 1 x dp_shard 4 x tp 2 x pp 1; ep 2; "
+                                   "global batch 16 = micro 2 x dp 4 x accumulation 2")
+    assert "  dp_shard: 4\n" in out

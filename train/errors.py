@@ -1,0 +1,89 @@
+"""Every user mistake is one of these; `run_tool` turns them into one `mohge-<tool>: ...` line.
+
+Message convention: `<field or file>: <problem>; <fix>`. The CLI prefixes the tool and the kind:
+`mohge-train: config error: train.lr: must be > 0 (got -1.0); use a positive learning rate`.
+Every rank exits with EXIT_USER_ERROR; rank 0 prints the line (other ranks only for errors that
+can differ between ranks, prefixed with their rank). No torch import here: every layer can use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Callable, Optional
+
+EXIT_USER_ERROR = 2
+
+
+class MohgeError(Exception):
+    """A mistake the user can fix; `kind` names the category in the printed line."""
+
+    kind = "usage"
+    same_on_every_rank = False  # True: rank 0's line says it all
+
+
+class ConfigError(MohgeError, ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+    kind = "config"
+    same_on_every_rank = True
+
+
+class DataError(MohgeError, ValueError):
+    """Unusable data (missing corpus, tokenizer that does not fit); the message names the file."""
+
+    kind = "data"
+
+
+class CheckpointError(MohgeError, RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+    kind = "checkpoint"
+
+
+class UsageError(MohgeError, ValueError):
+    """A bad command-line argument of a tool (not a config field)."""
+
+    kind = "usage"
+    same_on_every_rank = True
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def error_line(tool: str, err: BaseException) -> str:
+    """The one line a user sees for `err`."""
+    if isinstance(err, MohgeError):
+        return f"mohge-{tool}: {err.kind} error: {err}"
+    if isinstance(err, OSError):  # out_dir not writable, disk full, missing input file
+        where = err.filename or "output"
+        hint = {errno.ENOSPC: "free space or choose another out_dir",
+                errno.EACCES: "choose a writable path (out_dir=...)",
+                errno.EROFS: "choose a writable path (out_dir=...)",
+                errno.ENOENT: "check the path"}.get(err.errno or 0, "check the path and its permissions")
+        return f"mohge-{tool}: I/O error: {where}: {err.strerror or err}; {hint}"
+    return f"mohge-{tool}: error: {err}"
+
+
+def report(tool: str, err: BaseException) -> int:
+    """Prints `err` as one line (rank 0, or any rank for rank-specific errors); returns the exit code."""
+    rank = _rank()
+    line = error_line(tool, err)
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    elif not getattr(err, "same_on_every_rank", False):
+        print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def run_tool(tool: str, fn: Callable[[], Optional[int]]) -> int:
+    """Runs a CLI body: user mistakes (MohgeError, OSError) become one line and exit code 2."""
+    try:
+        return fn() or 0
+    except BrokenPipeError:  # `mohge-train --print-config | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (MohgeError, OSError) as err:
+        return report(tool, err)
