@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe_model(cfg))
         return 0
+    from mohge.data.errors import DataError
     from mohge.train.checkpoint import CheckpointError
+    from mohge.train.numerics import DivergenceError
     from mohge.train.trainer import train
 
     try:
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"mohge-train: checkpoint error: {err}", file=sys.stderr)
         return 2
+    except (DataError, DivergenceError) as err:  # one line, no traceback (issue 16)
+        print(f"mohge-train: {err}", file=sys.stderr)
+        return 2 if isinstance(err, DataError) else 3
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 from mohge.data.config import DataConfig
 from mohge.model.config import ConfigError, ModelConfig
 from mohge.parallel.config import ParallelConfig
+from mohge.train.numerics import validate_loss_spike
 
 PRECISIONS = ("auto", "fp32", "bf16")
 FP8_BACKENDS = ("none", "te", "torchao")
@@ -39,6 +40,9 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    loss_spike_factor: float = 3.0  # report a loss above this x the running mean (0: off); see train/numerics.py
+    loss_spike_window: int = 50  # steps in the running mean of the loss
+    loss_spike_skip: bool = False  # also skip a spiking step's update, like a non-finite one
 
 
 @dataclass
@@ -48,6 +52,7 @@ class CheckpointConfig:
     resume: Optional[str] = None  # None: fresh start; "auto": latest in out_dir; or a path
     save_final: bool = True
     async_save: bool = False
+    verify: bool = True  # check every file's SHA-256 (stored in meta.json) before loading
 
 
 @dataclass
@@ -131,6 +136,7 @@ class RunConfig:
             raise ConfigError("train.min_lr_ratio: must lie in [0, 1]")
         if t.log_every < 1:
             raise ConfigError("train.log_every: must be >= 1")
+        validate_loss_spike(t)
 
     @property
     def grad_accum_steps(self) -> int:

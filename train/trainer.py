@@ -25,9 +25,10 @@ from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
-from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mohge.train.checkpoint import resume_checkpoint, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.metrics import MetricsLogger
+from mohge.train.numerics import DivergenceError, LossGuard, divergence_message
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
@@ -212,13 +213,14 @@ class Trainer:
         self.step = 0
         self.result = TrainResult(steps=t.steps)
         self.bad_streak = 0
+        self.loss_guard = LossGuard(t.loss_spike_factor, t.loss_spike_window, t.loss_spike_skip)
         self.pending_save = None
         self.checkpoint_group = (dist.new_group(backend="gloo")
                                  if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
-        resume = resolve_resume(cfg.checkpoint.resume, cfg.out_dir)
+        resume, meta = resume_checkpoint(cfg.checkpoint.resume, cfg.out_dir, self.model, self.optimizer, cfg,
+                                         verify=cfg.checkpoint.verify, log=self._print)
         if resume is not None:
-            meta = load_checkpoint(resume, self.model, self.optimizer, cfg)
             self.step = int(meta["step"])
             self.data.load_state_dict(meta["data"])
             self._print(f"resumed from {resume} at step {self.step}")
@@ -291,15 +293,16 @@ class Trainer:
             dist.all_reduce(value, group=self.ctx.group("dp"))
         return float(value[0] / value[1].clamp_min(1))
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
+    def optimizer_step(self, skip: bool = False) -> torch.Tensor:
+        """Average, clip and apply gradients; a non-finite norm (or `skip`, the loss guard's
+        verdict, the same on every rank) skips the update on every rank."""
         t = self.cfg.train
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.div_(self.n_micro)
         sync_gradients(self.model, self.ctx)
         grad_norm = global_grad_norm(self.model, self.ctx)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm) and not skip:
             self.bad_streak = 0
             if t.grad_clip > 0:
                 clip = min(1.0, t.grad_clip / (float(grad_norm) + 1e-6))
@@ -311,13 +314,14 @@ class Trainer:
         else:  # the norm is global, so every rank skips together
             self.bad_streak += 1
             self.result.skipped_steps += 1
-            self._print(f"step {self.step + 1}: non-finite gradient norm, update skipped")
+            if not skip:
+                self._print(f"step {self.step + 1}: non-finite gradient norm, update skipped")
             if self.bad_streak >= t.max_bad_steps:
-                raise RuntimeError(
-                    f"step {self.step + 1}: {self.bad_streak} consecutive steps with a non-finite loss or "
-                    f"gradient norm (train.max_bad_steps={t.max_bad_steps}); stopping with the last good "
-                    "checkpoint untouched. Lower train.lr or inspect the data."
-                )
+                self.finish_pending_save()
+                from mohge.train.checkpoint import checkpoint_root, last_healthy
+
+                raise DivergenceError(divergence_message(self.step + 1, self.bad_streak, t.max_bad_steps,
+                                                         last_healthy(checkpoint_root(self.cfg.out_dir))))
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -326,11 +330,14 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.train)
         set_lr(self.optimizer, lr)
         loss = self.forward_backward()
-        grad_norm = self.optimizer_step()
-        if self.ctx.distributed and self.ctx.dims.dp > 1:
+        if self.ctx.distributed and self.ctx.dims.dp > 1:  # the mean loss first: the loss guard needs it
             reduced = torch.tensor(loss, dtype=torch.float64, device=self.device)
             dist.all_reduce(reduced, group=self.ctx.group("dp"))
             loss = float(reduced) / self.ctx.dims.dp
+        skip, report = self.loss_guard.judge(self.step + 1, loss)
+        if report:
+            self._print(report)
+        grad_norm = self.optimizer_step(skip)
         self.step += 1
         return loss, grad_norm, lr
 
@@ -339,7 +346,8 @@ class Trainer:
         c = self.cfg.checkpoint
         self.finish_pending_save()
         result = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
-                                 self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group)
+                                 self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group,
+                                 extra={"bad_streak": self.bad_streak})  # > 0: pruning keeps an older healthy one
         if c.async_save:
             self.pending_save = result
             self._print(f"writing checkpoint for step {self.step} in the background")
@@ -403,6 +411,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
             "skipped_steps": self.result.skipped_steps,
+            "loss_spikes": self.loss_guard.spikes,
             "group_aux_active": group_aux_active,
             "moe": moe["moe"],
         }
