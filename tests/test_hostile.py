@@ -216,3 +216,26 @@ def test_loss_spike_config_is_validated(tmp_path, override, field):
         _cfg(tmp_path, override).validate()
     with pytest.raises(ConfigError, match="does nothing"):
         _cfg(tmp_path, "train.loss_spike_factor=0", "train.loss_spike_skip=true").validate()
+
+
+def _damaged_shard_two_ranks(rank, world, out_dir, async_save):
+    import torch.distributed as dist
+
+    from mohge.train.checkpoint import checkpoint_root
+
+    overrides = ["train.steps=2", "checkpoint.every=1", "parallel.dp_replicate=2", "train.global_batch_size=8",
+                 f"checkpoint.async_save={async_save}"]
+    train(_cfg(out_dir, *overrides))
+    if rank == 0:  # damage the shard rank 1 wrote
+        _flip_byte(checkpoint_root(out_dir) / "step_00000002" / "__1_0.distcp")
+    dist.barrier()
+    return Trainer(_cfg(out_dir, *overrides, "train.steps=3", "checkpoint.resume=auto")).step
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_ranks_agree_on_a_damaged_shard_and_fall_back(tmp_path):
+    """dp=2 with async save: the checksum work is split over ranks, both reach the same verdict."""
+    from distributed import run_ranks
+
+    assert run_ranks(2, _damaged_shard_two_ranks, str(tmp_path), "true", timeout=300) == [1, 1]
