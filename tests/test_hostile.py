@@ -239,3 +239,138 @@ def test_two_ranks_agree_on_a_damaged_shard_and_fall_back(tmp_path):
     from distributed import run_ranks
 
     assert run_ranks(2, _damaged_shard_two_ranks, str(tmp_path), "true", timeout=300) == [1, 1]
+
+
+# ---- data and preprocessing --------------------------------------------------------------
+def _write_jsonl(path, n, words=8):
+    path.write_text("".join(json.dumps({"text": f"document {i} " + "word " * words}) + "\n" for i in range(n)))
+    return path
+
+
+def _megatron_data(prefix, split="969,30,1", valid_samples=8, tokenizer="bytes", cache=None):
+    from mohge.data.config import DataConfig
+    from mohge.data.loader import build_data
+
+    cfg = DataConfig(source="megatron", tokenizer=tokenizer, prefixes=[str(prefix)], split=split,
+                     cache_dir=str(cache or (os.path.dirname(prefix) + "/cache")))
+    return build_data(cfg, seq_len=16, micro_batch_size=2, seed=1, out_dir=os.path.dirname(prefix),
+                      model_vocab_size=512, train_samples=64, valid_samples=valid_samples)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    from mohge.data.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("small")
+    for name, n in (("c300", 300), ("c10", 10), ("other", 300)):
+        preprocess([str(_write_jsonl(d / f"{name}.jsonl", n, words=8 if name != "other" else 3))], str(d / name),
+                   "bytes", progress=False)
+    return d
+
+
+@pytest.mark.timeout(120)  # megatron looped forever here: a regression fails instead of hanging CI
+def test_default_split_on_a_small_corpus_does_not_hang(small_corpus):
+    """969,30,1 over 300 documents leaves the test split empty; megatron looped forever on it."""
+    data = _megatron_data(small_corpus / "c300")
+    assert len(data.train_ds) >= 64 and len(data.valid_ds) >= 8
+
+
+def test_empty_validation_split_is_a_clear_error_or_skipped(small_corpus):
+    from mohge.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"data.split=969,30,1: the validation share holds none of the 10 documents"):
+        _megatron_data(small_corpus / "c10")
+    data = _megatron_data(small_corpus / "c10", valid_samples=0)  # train.eval_every=0: no valid split needed
+    assert data.valid_ds is None and data.next_train_batch()[0].shape == (2, 16)
+    with pytest.raises(DataError, match="the training share holds none"):
+        _megatron_data(small_corpus / "c10", split="0,1,0")
+    for bad in ("1,2", "a,b,c", "-1,2,0", "0,0,0"):
+        with pytest.raises(DataError, match="data.split"):
+            _megatron_data(small_corpus / "c10", split=bad)
+
+
+def test_idx_of_another_bin_is_refused(small_corpus, tmp_path):
+    from mohge.data.errors import DataError
+
+    for suffix in (".bin", ".idx", ".manifest.json"):
+        shutil.copy(small_corpus / f"c300{suffix}", tmp_path / f"mix{suffix}")
+    shutil.copy(small_corpus / "other.idx", tmp_path / "mix.idx")
+    with pytest.raises(DataError, match="does not belong to"):
+        _megatron_data(tmp_path / "mix")
+    # Same sizes, different content (no size clue): the manifest catches it.
+    data = bytearray((tmp_path / "mix.bin").read_bytes())
+    shutil.copy(small_corpus / "c300.idx", tmp_path / "mix.idx")
+    data[5] ^= 1
+    (tmp_path / "mix.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match mix.manifest.json"):
+        _megatron_data(tmp_path / "mix")
+
+
+def test_corpus_of_another_tokenizer_is_refused(small_corpus, tmp_path):
+    from mohge.data.errors import DataError
+    from mohge.data.integrity import MANIFEST
+
+    manifest = json.loads((small_corpus / f"c300{MANIFEST}").read_text())
+    for suffix in (".bin", ".idx"):
+        shutil.copy(small_corpus / f"c300{suffix}", tmp_path / f"t{suffix}")
+    (tmp_path / f"t{MANIFEST}").write_text(json.dumps({**manifest, "vocab_size": 32000}))
+    with pytest.raises(DataError, match="data.tokenizer: .* 32000-token vocabulary"):
+        _megatron_data(tmp_path / "t")
+
+
+def test_failed_preprocess_rerun_keeps_the_existing_prefix(small_corpus, tmp_path):
+    from mohge.data.preprocess import main as preprocess_main
+
+    for suffix in (".bin", ".idx", ".manifest.json"):
+        shutil.copy(small_corpus / f"c300{suffix}", tmp_path / f"keep{suffix}")
+    before = {s: (tmp_path / f"keep{s}").read_bytes() for s in (".bin", ".idx")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + "{broken\n")
+    assert preprocess_main(["--input", str(bad), "--output-prefix", str(tmp_path / "keep"), "--tokenizer", "bytes"]) == 2
+    assert {s: (tmp_path / f"keep{s}").read_bytes() for s in (".bin", ".idx")} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []  # no temp files left
+    _megatron_data(tmp_path / "keep")  # still loads and matches its manifest
+
+
+@pytest.mark.slow
+def test_preprocess_killed_midway_keeps_the_existing_prefix(small_corpus, tmp_path):
+    for suffix in (".bin", ".idx", ".manifest.json"):
+        shutil.copy(small_corpus / f"c300{suffix}", tmp_path / f"keep{suffix}")
+    before = (tmp_path / "keep.bin").read_bytes()
+    big = _write_jsonl(tmp_path / "big.jsonl", 200000)
+    proc = subprocess.Popen([sys.executable, "-m", "mohge.data.preprocess", "--input", str(big), "--output-prefix",
+                             str(tmp_path / "keep"), "--tokenizer", "bytes"], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        import time
+
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+            time.sleep(0.01)
+        proc.kill()  # kill -9 while the temporary pair is being written
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert (tmp_path / "keep.bin").read_bytes() == before
+    _megatron_data(tmp_path / "keep")
+
+
+def test_non_utf8_input_is_skipped_or_named(tmp_path):
+    from mohge.data.preprocess import main as preprocess_main, preprocess
+
+    for name in ("x.jsonl", "x.txt"):
+        src = tmp_path / name
+        good = json.dumps({"text": "good line"}).encode() if name.endswith("jsonl") else b"good line"
+        src.write_bytes(good + b"\n" + b"\n" + b'{"text": "caf\xe9 latin-1"}\n\n' + good + b"\n")
+        assert preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer", "bytes"]) == 2
+        summary = preprocess([str(src)], str(tmp_path / "o"), "bytes", on_bad_line="skip", progress=False)
+        assert summary["documents"] == 2 and summary["skipped_lines"] == {str(src): 1}
+
+
+def test_unwritable_output_prefix_is_a_clean_error(tmp_path, capsys):
+    from mohge.data.preprocess import main as preprocess_main
+
+    src = _write_jsonl(tmp_path / "a.jsonl", 3)
+    (tmp_path / "file").write_text("not a directory")
+    assert preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "file" / "x"),
+                            "--tokenizer", "bytes"]) == 2
+    assert "--output-prefix" in capsys.readouterr().err

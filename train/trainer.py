@@ -192,7 +192,7 @@ def build_data_source(cfg: RunConfig, ctx: ParallelContext):
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dims.dp,
         train_samples=t.steps * t.global_batch_size,
-        valid_samples=max(t.eval_iters, 1) * t.global_batch_size,
+        valid_samples=max(t.eval_iters, 1) * t.global_batch_size if t.eval_every else 0,  # 0: no valid split
     )
 
 
