@@ -374,3 +374,34 @@ def test_unwritable_output_prefix_is_a_clean_error(tmp_path, capsys):
     assert preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "file" / "x"),
                             "--tokenizer", "bytes"]) == 2
     assert "--output-prefix" in capsys.readouterr().err
+
+
+# ---- concurrency ---------------------------------------------------------------------------
+def test_second_job_is_refused_and_a_dead_jobs_lock_is_recovered(tmp_path):
+    from mohge.train.runlock import LOCK, RunLock
+
+    # The other job, as RunLock.acquire does it (flock + its identity), without importing torch.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, json, os, time; "
+                               f"fd = os.open({str(tmp_path / LOCK)!r}, os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'h', 'since': 0}).encode()); "
+                               "print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"out_dir: {tmp_path} is in use by another run \(pid {holder.pid} on "):
+            Trainer(_cfg(tmp_path, "train.steps=1"))
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+        holder.kill()  # kill -9 while holding the lock: the kernel drops the flock with the process
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == holder.pid  # the stale file is still there
+    train(_cfg(tmp_path, "train.steps=1"))  # ...and does not block the next run
+    assert json.loads((tmp_path / LOCK).read_text() or "{}") == {}  # released at the end of the run
+    RunLock(str(tmp_path)).acquire().release()
+
+
+def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="out_dir: .* is not writable"):
+        Trainer(_cfg(tmp_path / "f", "train.steps=1"))

@@ -31,6 +31,7 @@ from mohge.train.metrics import MetricsLogger
 from mohge.train.numerics import DivergenceError, LossGuard, divergence_message
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from mohge.train.runlock import acquire_run_lock
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
 
 
@@ -203,6 +204,7 @@ class Trainer:
         cfg.validate()
         self.cfg, t = cfg, cfg.train
         self.ctx, self.device = init_distributed(cfg)
+        self.run_lock = acquire_run_lock(cfg.out_dir, self.ctx.rank == 0, self.device)  # one job per out_dir
         torch.manual_seed(t.seed)
         self.model = build_parallel_model(cfg, self.ctx, self.device)
         self.model.train()
@@ -425,4 +427,9 @@ class Trainer:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Runs (or resumes) training to `cfg.train.steps` and returns the loss history."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
