@@ -29,6 +29,7 @@ class ParallelConfig:
     ep: int = 1
     activation_checkpoint: str = "none"
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):

@@ -405,3 +405,68 @@ def test_out_dir_that_is_a_file_is_a_clean_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="out_dir: .* is not writable"):
         Trainer(_cfg(tmp_path / "f", "train.steps=1"))
+
+
+# ---- distributed faults --------------------------------------------------------------------
+_FAULT_WORKER = """
+import os, signal, sys, torch, torch.distributed as dist
+from mohge.train.watchdog import Watchdog, collective_timeout
+rank, port, mode, collective_s, watchdog_s = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=collective_timeout(collective_s))
+x = torch.ones(1)
+dist.all_reduce(x)
+with Watchdog(watchdog_s, rank) as watchdog:
+    watchdog.beat("step 1")
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP if mode == "stop" else signal.SIGKILL)
+    dist.all_reduce(x)  # rank 0 waits here on a peer that is stopped or dead
+print("finished", flush=True)
+"""
+
+
+def _fault(mode: str, collective_s: float, watchdog_s: float):
+    """Two gloo ranks; rank 1 stops (SIGSTOP) or dies (SIGKILL) before a collective. Returns rank
+    0's (exit code, stderr); rank 0 must end by itself (a hang fails on the 120 s guard)."""
+    from distributed import free_port
+
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _FAULT_WORKER, str(r), port, mode, str(collective_s),
+                               str(watchdog_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(2)]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+        return procs[0].returncode, err
+    finally:
+        for p in procs:
+            p.kill()  # SIGKILL also ends the stopped rank
+            p.wait(timeout=30)
+
+
+def test_stopped_rank_ends_the_job_through_the_watchdog():
+    from mohge.train.watchdog import WATCHDOG_EXIT_CODE
+
+    code, err = _fault("stop", collective_s=600, watchdog_s=2)
+    assert code == WATCHDOG_EXIT_CODE, err[-2000:]
+    assert "mohge watchdog: rank 0: no progress for" in err and "after step 1" in err
+
+
+@pytest.mark.slow
+def test_stopped_rank_ends_the_job_through_the_collective_timeout():
+    code, err = _fault("stop", collective_s=2, watchdog_s=0)
+    assert code not in (0, None) and "finished" not in err
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-2000:]
+
+
+@pytest.mark.slow
+def test_dead_rank_ends_the_job():
+    code, err = _fault("kill", collective_s=600, watchdog_s=30)
+    assert code not in (0, None), err[-2000:]
+
+
+@pytest.mark.parametrize("override, field", [("parallel.timeout_s=0", "parallel.timeout_s"),
+                                             ("train.watchdog_s=-1", "train.watchdog_s")])
+def test_timeouts_are_validated(tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field):
+        _cfg(tmp_path, override).validate()

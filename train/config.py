@@ -9,6 +9,7 @@ from mohge.data.config import DataConfig
 from mohge.model.config import ConfigError, ModelConfig
 from mohge.parallel.config import ParallelConfig
 from mohge.train.numerics import validate_loss_spike
+from mohge.train.watchdog import validate_timeouts
 
 PRECISIONS = ("auto", "fp32", "bf16")
 FP8_BACKENDS = ("none", "te", "torchao")
@@ -43,6 +44,7 @@ class TrainConfig:
     loss_spike_factor: float = 3.0  # report a loss above this x the running mean (0: off); see train/numerics.py
     loss_spike_window: int = 50  # steps in the running mean of the loss
     loss_spike_skip: bool = False  # also skip a spiking step's update, like a non-finite one
+    watchdog_s: float = 1800.0  # end this rank if no step/save/eval finishes for this long (0: off); train/watchdog.py
 
 
 @dataclass
@@ -137,6 +139,7 @@ class RunConfig:
         if t.log_every < 1:
             raise ConfigError("train.log_every: must be >= 1")
         validate_loss_spike(t)
+        validate_timeouts(self.parallel.timeout_s, t.watchdog_s)
 
     @property
     def grad_accum_steps(self) -> int:

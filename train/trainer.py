@@ -32,6 +32,7 @@ from mohge.train.numerics import DivergenceError, LossGuard, divergence_message
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 from mohge.train.runlock import acquire_run_lock
+from mohge.train.watchdog import Watchdog, collective_timeout
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
 
 
@@ -85,7 +86,8 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=collective_timeout(cfg.parallel.timeout_s))
         ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes(device.type)
     return ctx, device
 
@@ -217,7 +219,7 @@ class Trainer:
         self.bad_streak = 0
         self.loss_guard = LossGuard(t.loss_spike_factor, t.loss_spike_window, t.loss_spike_skip)
         self.pending_save = None
-        self.checkpoint_group = (dist.new_group(backend="gloo")
+        self.checkpoint_group = (dist.new_group(backend="gloo", timeout=collective_timeout(cfg.parallel.timeout_s))
                                  if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
         resume, meta = resume_checkpoint(cfg.checkpoint.resume, cfg.out_dir, self.model, self.optimizer, cfg,
@@ -367,9 +369,10 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         tokens_per_step = t.global_batch_size * t.seq_len
         window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
-        with PreemptionHandler() as preemption:
+        with PreemptionHandler() as preemption, Watchdog(t.watchdog_s, self.ctx.rank) as watchdog:
             while self.step < t.steps:
                 loss, grad_norm, lr = self.train_step()
+                watchdog.beat(f"step {self.step}")
                 self.result.losses.append(loss)
                 window["tokens"] += tokens_per_step
                 window["loss"] += loss
@@ -381,6 +384,7 @@ class Trainer:
                     window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
                 if (c.every and self.step % c.every == 0) or (last and c.save_final):
                     self.save()
+                watchdog.beat(f"step {self.step} (log, eval, save)")
                 if not last and preemption.should_stop(self.ctx.group("world"), self.device):
                     if not (c.every and self.step % c.every == 0):
                         self.save()
@@ -392,7 +396,7 @@ class Trainer:
                                 f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
                     self.logger.close()
                     raise SystemExit(REQUEUE_EXIT_CODE)
-        self.finish_pending_save()
+            self.finish_pending_save()
         self.logger.close()
         return self.result
 
