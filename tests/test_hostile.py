@@ -470,3 +470,68 @@ def test_dead_rank_ends_the_job():
 def test_timeouts_are_validated(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field):
         _cfg(tmp_path, override).validate()
+
+
+# ---- disk and permissions ------------------------------------------------------------------
+def test_disk_full_during_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    train(_cfg(tmp_path, "train.steps=1"))
+    real_save = dcp.save
+
+    def full_disk(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # the shards are half there when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*step_00000001 is intact"):
+        train(_cfg(tmp_path, "train.steps=2", "checkpoint.resume=auto"))
+    monkeypatch.setattr(dcp, "save", real_save)
+    assert find_latest(str(tmp_path)).name == "step_00000001"
+    assert Trainer(_cfg(tmp_path, "train.steps=2", "checkpoint.resume=auto")).step == 1
+
+
+@pytest.mark.slow
+def test_file_size_limit_hit_by_a_real_save_is_one_line(tmp_path):
+    """A real failed write (RLIMIT_FSIZE: the kernel refuses to grow a file, like a full quota)."""
+    import resource
+    import signal
+
+    assert _cli(f"out_dir={tmp_path}", "train.steps=1")[0] == 0
+    shard = _shard(tmp_path / "checkpoints" / "step_00000001").stat().st_size
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (shard // 2, shard // 2))
+
+    cmd = [sys.executable, "-m", "mohge.train.cli", "--config-name", "tiny_mohge", *COMMON, f"out_dir={tmp_path}",
+           "train.steps=2", "checkpoint.resume=auto"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "writing the checkpoint failed" in proc.stderr and "step_00000001 is intact" in proc.stderr
+    assert find_latest(str(tmp_path)).name == "step_00000001"
+
+
+def test_checkpoints_path_taken_by_a_file_is_a_clean_error(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a directory")
+    with pytest.raises(CheckpointError, match="writing the checkpoint failed"):
+        train(_cfg(tmp_path, "train.steps=1"))
+
+
+# ---- numerics through the CLI ----------------------------------------------------------------
+def test_divergence_stops_with_one_line_naming_the_kept_checkpoint(tmp_path, capsys):
+    from mohge.train.cli import main
+
+    code = main(["--config-name", "tiny_mohge", *COMMON, f"out_dir={tmp_path}", "train.steps=1"])
+    assert code == 0
+    code = main(["--config-name", "tiny_mohge", *COMMON, f"out_dir={tmp_path}", "train.steps=12",
+                 "checkpoint.resume=auto", "checkpoint.every=1", "checkpoint.keep=1", "train.lr=1e30",
+                 "train.warmup_steps=0", "train.max_bad_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert err.count("\n") == 1 and "consecutive steps" in err
+    kept = err.split("kept: ")[1].split(" ")[0]
+    assert os.path.isdir(kept) and "Traceback" not in err

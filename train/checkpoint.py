@@ -195,7 +195,10 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
     partial = root / f"{final.name}.partial"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        (partial / "rng").mkdir(parents=True)
+        try:
+            (partial / "rng").mkdir(parents=True)
+        except OSError as err:  # other ranks then fail on their own write (or time out)
+            raise _save_error(partial, err) from err
     _barrier()
     try:
         torch.save({"cpu": torch.get_rng_state()}, partial / "rng" / f"rank{_rank()}.pt")
