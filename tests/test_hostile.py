@@ -99,14 +99,18 @@ def test_auto_resume_falls_back_to_previous_good_step(run_copy, capsys):
     assert trainer.step == 1
     out = capsys.readouterr().out
     assert "skipping" in out and "step_00000003" in out and "step_00000002" in out
-    # The damaged checkpoints were not deleted by the fallback (the user may want them).
-    assert (root / "step_00000003").is_dir() and (root / "step_00000002").is_dir()
+    # The damaged checkpoints are moved aside, not deleted, and no longer count among the last K.
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002.damaged",
+                                                           "step_00000003.damaged"]
+    assert find_latest(str(run_copy)).name == "step_00000001"
 
 
 def test_every_checkpoint_damaged_stops_instead_of_starting_afresh(run_copy):
     for step in (run_copy / "checkpoints").glob("step_*"):
         _flip_byte(_shard(step))
     with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+        Trainer(_cfg(run_copy, "train.steps=5", "checkpoint.resume=auto"))
+    with pytest.raises(CheckpointError, match="holds only damaged checkpoints"):  # and again on the next try
         Trainer(_cfg(run_copy, "train.steps=5", "checkpoint.resume=auto"))
 
 

@@ -127,7 +127,8 @@ def step_dir(out_dir: str, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
+    return ((path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
+            and not path.name.endswith(".damaged"))
 
 
 def complete_steps(root: Path) -> list[Path]:
@@ -339,11 +340,16 @@ def resume_checkpoint(setting: Optional[str], out_dir: str, model: nn.Module, op
     them. An explicit path that is damaged is refused.
     """
     path = resolve_resume(setting, out_dir)
+    root = checkpoint_root(out_dir)
     if path is None:
+        quarantined = sorted(p.name for p in root.glob("step_*.damaged")) if setting == "auto" else []
+        if quarantined:  # never start afresh over checkpoints that exist but are damaged
+            raise CheckpointError(f"checkpoint.resume=auto: {root} holds only damaged checkpoints "
+                                  f"({', '.join(quarantined)}); restore one from a backup, or move them away to "
+                                  "start afresh")
         return None, None
     if setting != "auto":
         return path, load_checkpoint(path, model, optimizer, run_config, verify=verify)
-    root = checkpoint_root(out_dir)
     candidates = [path] + [p for p in reversed(complete_steps(root)) if p != path]
     damaged = []
     for candidate in candidates:
@@ -352,8 +358,23 @@ def resume_checkpoint(setting: Optional[str], out_dir: str, model: nn.Module, op
         except DamagedCheckpoint as err:
             damaged.append(candidate.name)
             log(f"checkpoint.resume=auto: skipping {err}")
+            _quarantine(candidate, log)
     raise CheckpointError(f"checkpoint.resume=auto: every checkpoint under {root} is damaged ({', '.join(damaged)}); "
                           "restore one from a backup, or move them away to start afresh")
+
+
+def _quarantine(path: Path, log) -> None:
+    """Renames a damaged checkpoint to `<name>.damaged`: kept for inspection, but no longer counted
+    among the last `keep` (so pruning cannot delete a good one in its favour) nor found again."""
+    if _rank() != 0:
+        return
+    target = path.with_name(f"{path.name}.damaged")
+    try:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        log(f"checkpoint.resume=auto: moved the damaged checkpoint to {target}")
+    except OSError as err:
+        log(f"checkpoint.resume=auto: could not move {path} aside ({err}); it stays in place")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config, verify: bool = True) -> dict:
