@@ -78,6 +78,9 @@ def check_prefix(prefix: str, tokenizer: Optional[Tokenizer] = None) -> int:
                             f"--output-prefix {prefix} first")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    if os.path.getsize(prefix + ".bin") == 0:
+        raise DataError(f"{prefix}.bin: empty (no documents); preprocess a non-empty input or drop it from "
+                        "data.prefixes")
     try:
         with _quiet_megatron():
             index = IndexedDataset(prefix, mmap=True)
@@ -178,6 +181,9 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, seed: in
             raise DataError("data.prefixes: empty; give data.prefixes=[PREFIX,...] (see mohge-preprocess)")
         if cfg.weights and len(cfg.weights) != len(cfg.prefixes):
             raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(cfg.prefixes)} prefixes")
+        if cfg.weights and not all(0 < float(w) < float("inf") for w in cfg.weights):
+            raise DataError(f"data.weights: {list(cfg.weights)} must all be positive and finite; drop a corpus "
+                            "from data.prefixes instead of giving it weight 0")
         if cfg.tokenizer is None:
             raise DataError("data.tokenizer: required with data.source=megatron (tokenizer.json, .model or 'bytes')")
         tokenizer_path, prefixes, weights = cfg.tokenizer, list(cfg.prefixes), list(cfg.weights) or None

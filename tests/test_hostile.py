@@ -539,3 +539,61 @@ def test_divergence_stops_with_one_line_naming_the_kept_checkpoint(tmp_path, cap
     assert err.count("\n") == 1 and "consecutive steps" in err
     kept = err.split("kept: ")[1].split(" ")[0]
     assert os.path.isdir(kept) and "Traceback" not in err
+
+
+# ---- config and data edge cases ----------------------------------------------------------------
+@pytest.mark.parametrize("override, field", [
+    ("parallel.timeout_s=inf", "parallel.timeout_s"),
+    ("parallel.timeout_s=nan", "parallel.timeout_s"),
+    ("train.watchdog_s=nan", "train.watchdog_s"),
+    ("train.loss_spike_factor=nan", "train.loss_spike_factor"),
+    ("checkpoint.keep=-1", "checkpoint.keep"),
+])
+def test_non_numbers_in_reliability_settings_are_refused(tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field):
+        _cfg(tmp_path, override).validate()
+
+
+def test_zero_document_corpus_and_bad_weights_are_refused(small_corpus, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from mohge.data.errors import DataError
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "empty.bin"))
+    builder.finalize(str(tmp_path / "empty.idx"))
+    with pytest.raises(DataError, match=r"empty.bin: empty \(no documents\)"):
+        _megatron_data(tmp_path / "empty", valid_samples=0)
+    from mohge.data.config import DataConfig
+    from mohge.data.loader import build_data
+
+    for weights in ([0.0, 1.0], [-1.0, 2.0], [float("nan"), 1.0]):
+        cfg = DataConfig(source="megatron", tokenizer="bytes", prefixes=[str(small_corpus / "c300")] * 2,
+                         weights=weights)
+        with pytest.raises(DataError, match="data.weights"):
+            build_data(cfg, seq_len=16, micro_batch_size=2, seed=1, out_dir=str(tmp_path), model_vocab_size=512,
+                       train_samples=8, valid_samples=0)
+
+
+# ---- signals ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_during_an_async_save_completes_it_and_requeues(tmp_path):
+    import time
+
+    from mohge.train.preemption import REQUEUE_EXIT_CODE
+
+    cmd = [sys.executable, "-m", "mohge.train.cli", "--config-name", "tiny_mohge", *COMMON, f"out_dir={tmp_path}",
+           "train.steps=100000", "checkpoint.every=1", "checkpoint.async_save=true", "checkpoint.keep=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "checkpoints" / "latest").exists():
+            time.sleep(0.01)
+        proc.send_signal(__import__("signal").SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-2000:]
+    latest = find_latest(str(tmp_path))
+    assert Trainer(_cfg(tmp_path, "train.steps=100000", "checkpoint.resume=auto")).step == int(latest.name[5:])
+    assert json.loads((latest / "meta.json").read_text())["checksums"]

@@ -27,10 +27,10 @@ WATCHDOG_EXIT_CODE = 124  # as timeout(1)
 
 
 def validate_timeouts(collective_s: float, watchdog_s: float) -> None:
-    if not collective_s > 0:
-        raise ConfigError(f"parallel.timeout_s: {collective_s} must be > 0 (seconds a collective may wait)")
-    if not watchdog_s >= 0:
-        raise ConfigError(f"train.watchdog_s: {watchdog_s} must be >= 0 (0 turns the watchdog off)")
+    if not 0 < collective_s < 1e9:
+        raise ConfigError(f"parallel.timeout_s: {collective_s} must be a number of seconds > 0 (how long a collective may wait)")
+    if not 0 <= watchdog_s < 1e9:
+        raise ConfigError(f"train.watchdog_s: {watchdog_s} must be a number of seconds >= 0 (0 turns the watchdog off)")
 
 
 def collective_timeout(seconds: float) -> timedelta:
