@@ -597,3 +597,41 @@ def test_sigterm_during_an_async_save_completes_it_and_requeues(tmp_path):
     latest = find_latest(str(tmp_path))
     assert Trainer(_cfg(tmp_path, "train.steps=100000", "checkpoint.resume=auto")).step == int(latest.name[5:])
     assert json.loads((latest / "meta.json").read_text())["checksums"]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_torchrun_job_with_a_stopped_rank_ends_by_itself(tmp_path):
+    """The whole job (launch/torchrun.sh, 2 gloo ranks): SIGSTOP one training rank mid-run; the
+    other's watchdog ends it and torchrun tears the job down, the stopped rank included."""
+    import signal
+    import time
+
+    import psutil
+
+    from distributed import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOHGE_CPU": "1", "NPROC_PER_NODE": "2",
+           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    cmd = ["bash", os.path.join(root, "launch", "torchrun.sh"), "--config-name", "tiny_mohge", *COMMON,
+           f"out_dir={tmp_path}", "train.steps=100000", "parallel.dp_replicate=2", "train.global_batch_size=8",
+           "train.watchdog_s=5", "checkpoint.every=0", "train.warmup_steps=0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and
+                                              len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "mohge.train.cli" in " ".join(p.cmdline()) or "LOCAL_RANK" in p.environ()]
+        workers = [p for p in ranks if p.environ().get("LOCAL_RANK") == "1"]
+        assert workers, [p.cmdline() for p in ranks]
+        workers[0].send_signal(signal.SIGSTOP)
+        _, err = proc.communicate(timeout=240)  # would hang for good without the watchdog
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode not in (0, None)
+    assert "mohge watchdog: rank 0: no progress" in err, err[-3000:]
+    assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
