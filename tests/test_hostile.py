@@ -192,6 +192,16 @@ def test_loss_spike_is_reported_and_optionally_skipped(tmp_path, capsys):
     assert metrics[-1]["loss_spikes"] == 1 and metrics[-1]["skipped_steps"] == 1
 
 
+def test_loss_guard_history_survives_a_resume(tmp_path):
+    """So a spike right after a resume is judged as in the uninterrupted run."""
+    first = Trainer(_cfg(tmp_path, "train.steps=12", "train.loss_spike_skip=true"))
+    for _ in range(11):
+        first.train_step()
+    first.save()
+    resumed = Trainer(_cfg(tmp_path, "train.steps=12", "train.loss_spike_skip=true", "checkpoint.resume=auto"))
+    assert list(resumed.loss_guard.history) == list(first.loss_guard.history) and len(first.loss_guard.history) == 11
+
+
 def test_loss_guard_reference():
     """The guard against a plain reference: mean of the last `window` accepted losses."""
     from mohge.train.numerics import LossGuard

@@ -227,6 +227,7 @@ class Trainer:
         if resume is not None:
             self.step = int(meta["step"])
             self.data.load_state_dict(meta["data"])
+            self.loss_guard.history.extend(meta.get("loss_history", []))
             self._print(f"resumed from {resume} at step {self.step}")
         self.logger = MetricsLogger(cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=self.ctx.is_log_rank)
         self.logger.advance(self.step)
@@ -351,7 +352,8 @@ class Trainer:
         self.finish_pending_save()
         result = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
                                  self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group,
-                                 extra={"bad_streak": self.bad_streak})  # > 0: pruning keeps an older healthy one
+                                 extra={"bad_streak": self.bad_streak,  # > 0: pruning keeps an older healthy one
+                                        "loss_history": list(self.loss_guard.history)})
         if c.async_save:
             self.pending_save = result
             self._print(f"writing checkpoint for step {self.step} in the background")
