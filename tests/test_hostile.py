@@ -131,6 +131,10 @@ def test_a_dangling_latest_pointer_is_ignored(run_copy):
     assert find_latest(str(run_copy)).name == "step_00000003"
     (root / "latest").write_text("../../../etc")
     assert find_latest(str(run_copy)).name == "step_00000003"
+    (root / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    assert find_latest(str(run_copy)).name == "step_00000003"
+    (root / "latest").write_text("../saved0/checkpoints/step_00000001")  # outside this run: ignored
+    assert find_latest(str(run_copy)).name == "step_00000003"
 
 
 def test_async_save_writes_checksums_and_verifies(tmp_path):

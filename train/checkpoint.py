@@ -141,8 +141,11 @@ def find_latest(out_dir: str) -> Optional[Path]:
     root = checkpoint_root(out_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
+        try:  # a damaged pointer is only a hint: fall back to scanning
+            candidate = root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            candidate = None
+        if candidate is not None and candidate.parent == root and is_complete(candidate):
             return candidate
     complete = complete_steps(root)
     return complete[-1] if complete else None
