@@ -182,28 +182,27 @@ def test_loss_spike_is_reported_and_optionally_skipped(tmp_path, capsys):
     class SpikeAt(Trainer):
         def forward_backward(self):
             loss = super().forward_backward()
-            return loss * 100 if self.step == 12 else loss
+            return loss * 100 if self.step == 6 else loss
 
-    kept = SpikeAt(_cfg(tmp_path / "a", "train.steps=14", "train.loss_spike_factor=3"))
-    result = kept.run()
-    assert kept.loss_guard.spikes == 1 and result.skipped_steps == 0
-    assert "step 13: loss spike" in capsys.readouterr().out
-    skipped = SpikeAt(_cfg(tmp_path / "b", "train.steps=14", "train.loss_spike_factor=3",
-                           "train.loss_spike_skip=true"))
+    spiky = ["train.steps=8", "train.loss_spike_factor=3", "train.loss_spike_window=5"]
+    skipped = SpikeAt(_cfg(tmp_path, *spiky, "train.loss_spike_skip=true"))
     result = skipped.run()
     assert skipped.loss_guard.spikes == 1 and result.skipped_steps == 1
-    metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert "step 7: loss spike" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss_spikes"] == 1 and metrics[-1]["skipped_steps"] == 1
+    assert [m["skipped_steps"] for m in metrics] == [0] * 6 + [1, 1]
 
 
 def test_loss_guard_history_survives_a_resume(tmp_path):
     """So a spike right after a resume is judged as in the uninterrupted run."""
-    first = Trainer(_cfg(tmp_path, "train.steps=12", "train.loss_spike_skip=true"))
-    for _ in range(11):
+    spiky = ["train.steps=6", "train.loss_spike_skip=true", "train.loss_spike_window=4"]
+    first = Trainer(_cfg(tmp_path, *spiky))
+    for _ in range(5):
         first.train_step()
     first.save()
-    resumed = Trainer(_cfg(tmp_path, "train.steps=12", "train.loss_spike_skip=true", "checkpoint.resume=auto"))
-    assert list(resumed.loss_guard.history) == list(first.loss_guard.history) and len(first.loss_guard.history) == 11
+    resumed = Trainer(_cfg(tmp_path, *spiky, "checkpoint.resume=auto"))
+    assert list(resumed.loss_guard.history) == list(first.loss_guard.history) and len(first.loss_guard.history) == 4
 
 
 def test_loss_guard_reference():
@@ -222,6 +221,12 @@ def test_loss_guard_reference():
             accepted.append(loss)
         verdicts.append(skip)
     assert verdicts.count(True) == 3 and guard.spikes == 1
+    report_only = LossGuard(factor=2.0, window=10, skip_spikes=False)
+    for step, loss in enumerate(losses[:15], 1):
+        assert report_only.judge(step, loss) == (False, None)
+    skip, message = report_only.judge(16, 20.0)
+    assert not skip and "step 16: loss spike 20.0000" in message and "update kept" in message
+    assert report_only.spikes == 1 and report_only.history[-1] == 20.0  # kept steps enter the mean
 
 
 @pytest.mark.parametrize("override, field", [
