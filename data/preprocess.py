@@ -114,6 +114,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, workers: i
         Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"--output-prefix {output_prefix}: cannot create its directory ({err})") from err
+    _remove_stale_temporaries(output_prefix)
     start = time.perf_counter()
     docs = tokens = nbytes = 0
     tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
@@ -163,6 +164,22 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, workers: i
     return {"documents": docs, "tokens": tokens, "bytes": nbytes, "seconds": seconds,
             "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
             "skipped_lines": bad.counts, "prefix": output_prefix, "tokenizer_vocab": tok.vocab_size}
+
+
+def _remove_stale_temporaries(output_prefix: str) -> None:
+    """Deletes PREFIX.tmp-<pid>.* left by a killed run whose process is gone (a live one is another
+    run writing the same prefix: left alone)."""
+    prefix = Path(output_prefix)
+    for tmp in prefix.parent.glob(f"{prefix.name}.tmp-*"):
+        pid = tmp.name[len(prefix.name) + 5:].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass
 
 
 class _Inline:

@@ -375,6 +375,11 @@ def test_preprocess_killed_midway_keeps_the_existing_prefix(small_corpus, tmp_pa
         proc.kill()
     assert (tmp_path / "keep.bin").read_bytes() == before
     _megatron_data(tmp_path / "keep")
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())  # the killed run's leftovers...
+    from mohge.data.preprocess import preprocess
+
+    preprocess([str(_write_jsonl(tmp_path / "small.jsonl", 5))], str(tmp_path / "keep"), "bytes", progress=False)
+    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())  # ...are removed by the next run
 
 
 def test_non_utf8_input_is_skipped_or_named(tmp_path):
