@@ -139,7 +139,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, workers: i
 
         bar = tqdm(unit="doc", desc="preprocess")
     try:
-        with Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1 else _Inline(tokenizer) as pool:
+        pool_or_inline = (Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1
+                          else _Inline(tokenizer))
+        with pool_or_inline as pool:
             for ids, size in pool.imap(_encode, documents(), chunksize=64):
                 builder.add_item(torch.tensor(ids, dtype=torch.int64))
                 builder.end_document()

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from mohge.model.config import ConfigError
 from mohge.train.checkpoint import CheckpointError, DamagedCheckpoint, find_latest, resume_checkpoint

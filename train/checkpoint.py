@@ -4,7 +4,7 @@ Layout of `<out_dir>/checkpoints/`:
     step_00000100/            one checkpoint: DCP shards + .metadata, meta.json, rng/rank<r>.pt
     latest                    name of the newest complete checkpoint (written last)
 
-A checkpoint is written into `step_N.partial-<pid>` and renamed when every rank has finished,
+A checkpoint is written into `step_N.partial` and renamed when every rank has finished,
 then `latest` is replaced atomically: a crash mid-save leaves the previous checkpoint and pointer
 intact, and a `.partial` directory is never loaded. meta.json (written last, before the rename)
 lists every file's size and SHA-256; a load verifies them first, and `resume=auto` falls back to

@@ -28,7 +28,8 @@ WATCHDOG_EXIT_CODE = 124  # as timeout(1)
 
 def validate_timeouts(collective_s: float, watchdog_s: float) -> None:
     if not 0 < collective_s < 1e9:
-        raise ConfigError(f"parallel.timeout_s: {collective_s} must be a number of seconds > 0 (how long a collective may wait)")
+        raise ConfigError(f"parallel.timeout_s: {collective_s} must be a number of seconds > 0 "
+                          "(how long a collective may wait)")
     if not 0 <= watchdog_s < 1e9:
         raise ConfigError(f"train.watchdog_s: {watchdog_s} must be a number of seconds >= 0 (0 turns the watchdog off)")
 
