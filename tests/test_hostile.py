@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from mohge.model.config import ConfigError
-from mohge.train.checkpoint import CheckpointError, DamagedCheckpoint, find_latest, resume_checkpoint
+from mohge.train.checkpoint import CheckpointError, DamagedCheckpoint, find_latest
 from mohge.train.hydra_config import compose_config
 from mohge.train.trainer import Trainer, train
 
