@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from mohge.data.config import DataConfig
 from mohge.data.errors import DataError
+from mohge.data.integrity import check_manifest
 from mohge.data.tokenizers import Tokenizer, load_tokenizer
 
 
@@ -67,14 +68,19 @@ class _MegatronTokenizer:
                                    "vocab_size": tok.vocab_size}
 
 
-def check_prefix(prefix: str) -> None:
-    """A clear error for a missing or truncated .bin/.idx pair, before megatron reads it."""
+def check_prefix(prefix: str, tokenizer: Optional[Tokenizer] = None) -> int:
+    """A clear error for a missing, truncated or mismatched .bin/.idx pair, before megatron reads
+    it (checked against its manifest and the tokenizer when mohge-preprocess wrote it); returns
+    the number of documents."""
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise DataError(f"data.prefixes: {prefix}{suffix} does not exist; run mohge-preprocess "
                             f"--output-prefix {prefix} first")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    if os.path.getsize(prefix + ".bin") == 0:
+        raise DataError(f"{prefix}.bin: empty (no documents); preprocess a non-empty input or drop it from "
+                        "data.prefixes")
     try:
         with _quiet_megatron():
             index = IndexedDataset(prefix, mmap=True)
@@ -86,6 +92,43 @@ def check_prefix(prefix: str) -> None:
     if actual < expected:
         raise DataError(f"{prefix}.bin: truncated ({actual} bytes, the index needs {expected}); "
                         "re-run mohge-preprocess")
+    if actual != expected:
+        raise DataError(f"{prefix}.idx: does not belong to {prefix}.bin (the index covers {expected} bytes, the "
+                        f"file has {actual}); re-run mohge-preprocess for this prefix")
+    check_manifest(prefix, *((tokenizer.vocab_size, tokenizer.eod) if tokenizer is not None else ()))
+    return len(index)
+
+
+def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """The [begin, end) documents of the train, valid and test splits, as megatron computes them."""
+    try:
+        shares = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or any(not x >= 0 for x in shares) or not sum(shares) > 0:
+        raise DataError(f"data.split: {split!r} must be three non-negative shares train,valid,test (e.g. 969,30,1)")
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [(0, 0) if m is None else (int(round(m[0] * num_documents)), int(round(m[1] * num_documents)))
+            for m in matrix]
+
+
+def check_splits(split: str, documents: dict[str, int], need_valid: bool) -> list[bool]:
+    """Which of (train, valid, test) to build. An empty split never reaches megatron, whose sample
+    index loops forever on a split with no tokens; an empty train split (or valid split when
+    validation runs) is a DataError naming the prefix and the share to raise."""
+    keep = [True, need_valid, False]  # the test split is never read
+    for prefix, n in documents.items():
+        (t0, t1), (v0, v1), _ = split_ranges(split, n)
+        if t1 <= t0:
+            raise DataError(f"data.split={split}: the training share holds none of the {n} documents of {prefix}; "
+                            "raise the first share")
+        if need_valid and v1 <= v0:
+            raise DataError(f"data.split={split}: the validation share holds none of the {n} documents of {prefix}; "
+                            "raise the second share (e.g. data.split=90,10,0) or set train.eval_every=0")
+    return keep
 
 
 class MegatronData:
@@ -138,6 +181,9 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, seed: in
             raise DataError("data.prefixes: empty; give data.prefixes=[PREFIX,...] (see mohge-preprocess)")
         if cfg.weights and len(cfg.weights) != len(cfg.prefixes):
             raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(cfg.prefixes)} prefixes")
+        if cfg.weights and not all(0 < float(w) < float("inf") for w in cfg.weights):
+            raise DataError(f"data.weights: {list(cfg.weights)} must all be positive and finite; drop a corpus "
+                            "from data.prefixes instead of giving it weight 0")
         if cfg.tokenizer is None:
             raise DataError("data.tokenizer: required with data.source=megatron (tokenizer.json, .model or 'bytes')")
         tokenizer_path, prefixes, weights = cfg.tokenizer, list(cfg.prefixes), list(cfg.weights) or None
@@ -148,8 +194,8 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, seed: in
     if tokenizer.vocab_size > model_vocab_size:
         raise DataError(f"data.tokenizer={tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{model_vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
-    for prefix in prefixes:
-        check_prefix(prefix)
+    documents = {prefix: check_prefix(prefix, tokenizer) for prefix in prefixes}
+    keep = check_splits(cfg.split, documents, need_valid=valid_samples > 0)
 
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -161,6 +207,7 @@ def build_data(cfg: DataConfig, *, seq_len: int, micro_batch_size: int, seed: in
             path_to_cache=cache, tokenizer=_MegatronTokenizer(tokenizer), reset_position_ids=False,
             reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         )
+        config.split_matrix = [m if k else None for m, k in zip(config.split_matrix, keep)]
         with _process_group_for_megatron():
             train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
                 GPTDataset, [train_samples, valid_samples, 0], lambda: True, config

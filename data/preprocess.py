@@ -4,12 +4,17 @@ Reads jsonl (one document per line, in its `text` field), plain text (documents 
 blank lines) or parquet (a `text` column), tokenizes with worker processes, appends the
 end-of-document token to every document and writes megatron-core's indexed format
 (PREFIX.bin / PREFIX.idx), which megatron's own tools and datasets read unchanged.
+
+The pair is written under temporary names and renamed only when complete, with a manifest
+(PREFIX.manifest.json) the loader checks: a failed or interrupted run leaves an existing PREFIX
+as it was. Lines that are not UTF-8 are bad lines (skipped and counted with --on-bad-line skip).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from mohge.data.errors import DataError
+from mohge.data.integrity import publish
 from mohge.data.tokenizers import load_tokenizer
 from mohge.train.errors import report
 
@@ -45,16 +51,16 @@ def read_documents(path: str, on_bad_line: str = "fail", bad: Optional[BadLines]
         for batch in pq.ParquetFile(p).iter_batches(columns=[text_key]):
             yield from (t for t in batch.column(0).to_pylist() if t)
         return
-    with open(p, encoding="utf-8") as f:
+    with open(p, "rb") as f:
         if p.suffix in (".jsonl", ".json"):
-            for number, line in enumerate(f, 1):
-                if not line.strip():
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    text = json.loads(line)[text_key]
+                    text = json.loads(raw.decode("utf-8"))[text_key]
                     if not isinstance(text, str):
                         raise TypeError(f"'{text_key}' is not a string")
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
                     if on_bad_line == "fail":
                         raise DataError(f"{path}:{number}: malformed jsonl line ({err}); fix it or pass "
                                         "--on-bad-line skip") from err
@@ -65,7 +71,16 @@ def read_documents(path: str, on_bad_line: str = "fail", bad: Optional[BadLines]
                     yield text
         else:
             block: list[str] = []
-            for line in f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if on_bad_line == "fail":
+                        raise DataError(f"{path}:{number}: not UTF-8 ({err}); fix the encoding or pass "
+                                        "--on-bad-line skip") from err
+                    if bad is not None:
+                        bad.counts[path] = bad.counts.get(path, 0) + 1
+                    continue
                 if line.strip():
                     block.append(line)
                 elif block:
@@ -96,10 +111,18 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, workers: i
     tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
     bad = BadLines()
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--output-prefix {output_prefix}: cannot create its directory ({err})") from err
+    _remove_stale_temporaries(output_prefix)
     start = time.perf_counter()
     docs = tokens = nbytes = 0
-    builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
+    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}"
+    try:
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
+    except OSError as err:
+        raise DataError(f"--output-prefix {output_prefix}: cannot write there ({err})") from err
 
     def documents() -> Iterator[str]:
         for path in inputs:
@@ -116,22 +139,50 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: str, workers: i
         from tqdm import tqdm
 
         bar = tqdm(unit="doc", desc="preprocess")
-    with Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1 else _Inline(tokenizer) as pool:
-        for ids, size in pool.imap(_encode, documents(), chunksize=64):
-            builder.add_item(torch.tensor(ids, dtype=torch.int64))
-            builder.end_document()
-            docs += 1
-            tokens += len(ids)
-            nbytes += size
-            if bar is not None:
-                bar.update()
-    builder.finalize(output_prefix + ".idx")
+    try:
+        pool_or_inline = (Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) if workers > 1
+                          else _Inline(tokenizer))
+        with pool_or_inline as pool:
+            for ids, size in pool.imap(_encode, documents(), chunksize=64):
+                builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                builder.end_document()
+                docs += 1
+                tokens += len(ids)
+                nbytes += size
+                if bar is not None:
+                    bar.update()
+        builder.finalize(tmp_prefix + ".idx")
+        publish(tmp_prefix, output_prefix, tok.vocab_size, tok.eod)
+    except OSError as err:  # disk full, permissions: the existing PREFIX is untouched
+        raise DataError(f"--output-prefix {output_prefix}: writing failed ({err}); {output_prefix}.bin/.idx "
+                        "were left as they were") from err
+    finally:
+        if not builder.data_file.closed:
+            builder.data_file.close()
+        for suffix in (".bin", ".idx", ".manifest.json"):
+            Path(tmp_prefix + suffix).unlink(missing_ok=True)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
     return {"documents": docs, "tokens": tokens, "bytes": nbytes, "seconds": seconds,
             "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9), "tokens_per_s": tokens / max(seconds, 1e-9),
             "skipped_lines": bad.counts, "prefix": output_prefix, "tokenizer_vocab": tok.vocab_size}
+
+
+def _remove_stale_temporaries(output_prefix: str) -> None:
+    """Deletes PREFIX.tmp-<pid>.* left by a killed run whose process is gone (a live one is another
+    run writing the same prefix: left alone)."""
+    prefix = Path(output_prefix)
+    for tmp in prefix.parent.glob(f"{prefix.name}.tmp-*"):
+        pid = tmp.name[len(prefix.name) + 5:].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass
 
 
 class _Inline:

@@ -32,6 +32,7 @@ class ParallelConfig:
     ep: int = 1
     activation_checkpoint: str = "none"
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""

@@ -4,9 +4,11 @@ Layout of `<out_dir>/checkpoints/`:
     step_00000100/            one checkpoint: DCP shards + .metadata, meta.json, rng/rank<r>.pt
     latest                    name of the newest complete checkpoint (written last)
 
-A checkpoint is written into `step_N.partial-<pid>` and renamed when every rank has finished,
+A checkpoint is written into `step_N.partial` and renamed when every rank has finished,
 then `latest` is replaced atomically: a crash mid-save leaves the previous checkpoint and pointer
-intact, and a `.partial` directory is never loaded.
+intact, and a `.partial` directory is never loaded. meta.json (written last, before the rename)
+lists every file's size and SHA-256; a load verifies them first, and `resume=auto` falls back to
+the newest checkpoint that verifies (see docs/reliability.md).
 
 Expert weights and their optimizer states are stored one expert per key
 (`...experts.groups.1.w1/expert/5`), so a checkpoint loads under any expert-parallel size and
@@ -30,6 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+from mohge.train.checksums import compute_checksums, verify_checksums
 
 from mohge.train.errors import CheckpointError  # re-exported from the one errors module
 
@@ -40,6 +45,10 @@ META = "meta.json"
 # Fields of the model config that may change between save and resume (layout, not architecture).
 LAYOUT_FIELDS = {"expert_compute", "allocation", "capacity_factor", "group_aux_coeff", "intra_aux_coeff",
                  "z_loss_coeff", "group_aux_start_fraction", "max_seq_len"}
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files fail their checksums or cannot be read (resume=auto skips it)."""
 
 
 def _rank() -> int:
@@ -119,7 +128,8 @@ def step_dir(out_dir: str, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
+    return ((path / META).is_file() and (path / ".metadata").is_file() and ".partial" not in path.name
+            and not path.name.endswith(".damaged"))
 
 
 def complete_steps(root: Path) -> list[Path]:
@@ -132,8 +142,11 @@ def find_latest(out_dir: str) -> Optional[Path]:
     root = checkpoint_root(out_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
+        try:  # a damaged pointer is only a hint: fall back to scanning
+            candidate = root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            candidate = None
+        if candidate is not None and candidate.parent == root and is_complete(candidate):
             return candidate
     complete = complete_steps(root)
     return complete[-1] if complete else None
@@ -152,11 +165,15 @@ class PendingSave:
 
     def finish(self) -> Path:
         if self.future is not None:
-            self.future.result()
+            try:
+                self.future.result()
+            except (Exception, CheckpointException) as err:
+                raise _save_error(self.partial, err) from err
         _barrier()
+        self.meta["checksums"] = compute_checksums(self.partial)  # collective: each rank hashes a share
         if _rank() == 0:
             root = self.partial.parent
-            (self.partial / META).write_text(json.dumps(self.meta, indent=1))
+            _write_meta(self.partial, self.meta)
             if self.final.exists():
                 shutil.rmtree(self.final)
             os.replace(self.partial, self.final)
@@ -183,9 +200,15 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
     partial = root / f"{final.name}.partial"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-        (partial / "rng").mkdir(parents=True)
+        try:
+            (partial / "rng").mkdir(parents=True)
+        except OSError as err:  # other ranks then fail on their own write (or time out)
+            raise _save_error(partial, err) from err
     _barrier()
-    torch.save({"cpu": torch.get_rng_state()}, partial / "rng" / f"rank{_rank()}.pt")
+    try:
+        torch.save({"cpu": torch.get_rng_state()}, partial / "rng" / f"rank{_rank()}.pt")
+    except (OSError, RuntimeError) as err:
+        raise _save_error(partial, err) from err
     state = {**model_entries(model), **optimizer_entries(model, optimizer)}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -202,15 +225,52 @@ def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer, data_s
         if async_save:
             future = dcp.async_save(state, checkpoint_id=str(partial), process_group=process_group)
             return PendingSave(future, partial, final, meta, keep)
-        dcp.save(state, checkpoint_id=str(partial))
+        try:
+            dcp.save(state, checkpoint_id=str(partial))
+        except (Exception, CheckpointException) as err:
+            raise _save_error(partial, err) from err
     return PendingSave(None, partial, final, meta, keep).finish()
 
 
+def _save_error(partial: Path, err: BaseException) -> CheckpointError:
+    """A failed write (disk full, permissions, a rank's I/O error) as one line that says what
+    survived: the previous checkpoints are untouched because nothing is renamed or pruned."""
+    previous = find_latest(str(partial.parent.parent))
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return CheckpointError(f"{partial}: writing the checkpoint failed ({_last_line(err)}); "
+                           f"{kept}; free space or fix permissions under {partial.parent}")
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    """meta.json through a temp file, so a crash never leaves a half-written one that looks complete."""
+    tmp = directory / f"{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, directory / META)
+
+
+def is_healthy(path: Path) -> bool:
+    """Saved with no unfinished run of skipped (non-finite / spiking) steps behind it."""
+    try:
+        return int(json.loads((path / META).read_text()).get("bad_streak", 0)) == 0
+    except (OSError, ValueError):
+        return False
+
+
+def last_healthy(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint saved outside a run of skipped steps."""
+    return next((p for p in reversed(complete_steps(root)) if is_healthy(p)), None)
+
+
 def _prune(root: Path, keep: int) -> None:
+    """Keeps the last `keep` complete checkpoints and, always, the newest healthy one: a run of
+    non-finite steps saving every step must not push the last good checkpoint out."""
     if keep <= 0:
         return
-    for old in complete_steps(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = complete_steps(root)
+    protected = last_healthy(root)
+    for old in complete[:-keep]:
+        if old != protected:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step_*.partial"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -242,8 +302,8 @@ def resolve_resume(setting: Optional[str], out_dir: str) -> Optional[Path]:
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path / META}: unreadable ({err}); the checkpoint is damaged") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpoint(f"{path / META}: unreadable ({err}); the checkpoint is damaged") from err
 
 
 def check_compatible(meta: dict, run_config, path: Path) -> None:
@@ -263,21 +323,90 @@ def check_compatible(meta: dict, run_config, path: Path) -> None:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict:
+def verify_checkpoint(path: Path, meta: dict) -> None:
+    """Checks every file against the checksums in meta.json (all ranks reach the same verdict).
+    Checkpoints written before checksums existed (or by mohge-convert) are accepted as they are."""
+    table = meta.get("checksums")
+    if table is None:
+        return
+    problems = verify_checksums(path, table)
+    if problems:
+        raise DamagedCheckpoint(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                + "; the checkpoint is damaged: resume from an earlier step (checkpoint.resume=auto "
+                                "falls back by itself) or delete it")
+
+
+def resume_checkpoint(setting: Optional[str], out_dir: str, model: nn.Module, optimizer, run_config,
+                      verify: bool = True, log=print) -> tuple[Optional[Path], Optional[dict]]:
+    """Resolves `checkpoint.resume` and loads it; returns (path, meta) or (None, None).
+
+    With "auto", a damaged checkpoint (failed checksum, unreadable shard) is reported and the
+    next older one is tried; if every one is damaged the run stops rather than start afresh over
+    them. An explicit path that is damaged is refused.
+    """
+    path = resolve_resume(setting, out_dir)
+    root = checkpoint_root(out_dir)
+    if path is None:
+        quarantined = sorted(p.name for p in root.glob("step_*.damaged")) if setting == "auto" else []
+        if quarantined:  # never start afresh over checkpoints that exist but are damaged
+            raise CheckpointError(f"checkpoint.resume=auto: {root} holds only damaged checkpoints "
+                                  f"({', '.join(quarantined)}); restore one from a backup, or move them away to "
+                                  "start afresh")
+        return None, None
+    if setting != "auto":
+        return path, load_checkpoint(path, model, optimizer, run_config, verify=verify)
+    candidates = [path] + [p for p in reversed(complete_steps(root)) if p != path]
+    damaged = []
+    for candidate in candidates:
+        try:
+            return candidate, load_checkpoint(candidate, model, optimizer, run_config, verify=verify)
+        except DamagedCheckpoint as err:
+            damaged.append(candidate.name)
+            log(f"checkpoint.resume=auto: skipping {err}")
+            _quarantine(candidate, log)
+    raise CheckpointError(f"checkpoint.resume=auto: every checkpoint under {root} is damaged ({', '.join(damaged)}); "
+                          "restore one from a backup, or move them away to start afresh")
+
+
+def _quarantine(path: Path, log) -> None:
+    """Renames a damaged checkpoint to `<name>.damaged`: kept for inspection, but no longer counted
+    among the last `keep` (so pruning cannot delete a good one in its favour) nor found again."""
+    if _rank() != 0:
+        return
+    target = path.with_name(f"{path.name}.damaged")
+    try:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        log(f"checkpoint.resume=auto: moved the damaged checkpoint to {target}")
+    except OSError as err:
+        log(f"checkpoint.resume=auto: could not move {path} aside ({err}); it stays in place")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config, verify: bool = True) -> dict:
     """Loads weights, optimizer state and this rank's RNG state in place; returns meta.json."""
     meta = read_meta(path)
     check_compatible(meta, run_config, path)
+    if verify:
+        verify_checkpoint(path, meta)
     state = model_entries(model)
     with_optimizer = optimizer is not None and not meta.get("weights_only", False)
     if with_optimizer:  # a converted (weights-only) checkpoint starts the optimizer afresh
         state.update(optimizer_entries(model, optimizer))
-    available = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    try:
+        available = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except (Exception, CheckpointException) as err:
+        raise DamagedCheckpoint(f"{path / '.metadata'}: unreadable ({type(err).__name__}: {err}); "
+                                "the checkpoint is damaged") from err
     missing = sorted(set(state) - set(available))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
     targets = dict(state)
-    with quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # a truncated or damaged shard in a checkpoint without checksums
+        raise DamagedCheckpoint(f"{path}: a shard cannot be read ({type(err).__name__}: "
+                                f"{_last_line(err)}); the checkpoint is damaged") from err
     # DCP fills most targets in place but may hand back new tensors (0-d steps, some DTensor
     # states): copy those into the model's and optimizer's own tensors.
     for key, loaded in state.items():
@@ -285,5 +414,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config) -> dict
             targets[key].copy_(loaded)
     rng = path / "rng" / f"rank{_rank()}.pt"
     if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+        try:
+            torch.set_rng_state(torch.load(rng, weights_only=True)["cpu"])
+        except (Exception, CheckpointException) as err:
+            raise DamagedCheckpoint(f"{rng}: unreadable ({type(err).__name__}); the checkpoint is damaged") from err
     return meta
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else repr(err)

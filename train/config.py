@@ -9,6 +9,8 @@ from typing import Optional
 from mohge.data.config import DataConfig
 from mohge.model.config import ConfigError, ModelConfig
 from mohge.parallel.config import ParallelConfig
+from mohge.train.numerics import validate_loss_spike
+from mohge.train.watchdog import validate_timeouts
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -44,6 +46,10 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     compile_backend: str = "inductor"  # torch.compile backend of train.compile (aot_eager / eager: debugging)
     loss_chunk_tokens: int = 0  # > 0: output projection + CE this many tokens at a time (no whole logits)
+    loss_spike_factor: float = 3.0  # report a loss above this x the running mean (0: off); see train/numerics.py
+    loss_spike_window: int = 50  # steps in the running mean of the loss
+    loss_spike_skip: bool = False  # also skip a spiking step's update, like a non-finite one
+    watchdog_s: float = 1800.0  # end this rank if no step/save/eval finishes for this long (0: off); train/watchdog.py
 
 
 @dataclass
@@ -53,6 +59,7 @@ class CheckpointConfig:
     resume: Optional[str] = None  # None: fresh start; "auto": latest in out_dir; or a path
     save_final: bool = True
     async_save: bool = False
+    verify: bool = True  # check every file's SHA-256 (stored in meta.json) before loading
 
 
 @dataclass
@@ -150,6 +157,8 @@ class RunConfig:
             raise ConfigError("train.min_lr_ratio: must lie in [0, 1]")
         if t.log_every < 1:
             raise ConfigError("train.log_every: must be >= 1")
+        validate_loss_spike(t)
+        validate_timeouts(self.parallel.timeout_s, t.watchdog_s)
         self.validate_more()
 
     def validate_more(self) -> None:

@@ -42,6 +42,15 @@ class CheckpointError(MohgeError, RuntimeError):
     kind = "checkpoint"
 
 
+class DivergenceError(MohgeError, RuntimeError):
+    """Too many consecutive skipped (non-finite or spiking) steps; the message names the checkpoint
+    kept to resume from. Exit code 3: the run stopped itself, the input was not wrong."""
+
+    kind = "training"
+    same_on_every_rank = True
+    exit_code = 3
+
+
 class UsageError(MohgeError, ValueError):
     """A bad command-line argument of a tool (not a config field)."""
 
@@ -75,7 +84,7 @@ def report(tool: str, err: BaseException) -> int:
         print(line, file=sys.stderr, flush=True)
     elif not getattr(err, "same_on_every_rank", False):
         print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
-    return EXIT_USER_ERROR
+    return getattr(err, "exit_code", EXIT_USER_ERROR)
 
 
 def run_tool(tool: str, fn: Callable[[], Optional[int]]) -> int:

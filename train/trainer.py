@@ -26,13 +26,16 @@ from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.reduce import reduce_scalars
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
-from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mohge.train.checkpoint import resume_checkpoint, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.errors import ConfigError
 from mohge.train.metrics import MetricsLogger
 from mohge.train.moe_metrics import collect_moe_metrics, weighted_aux_total
+from mohge.train.numerics import DivergenceError, LossGuard, divergence_message
 from mohge.train.optim import build_optimizer, lr_at, set_lr
 from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from mohge.train.runlock import acquire_run_lock
+from mohge.train.watchdog import Watchdog, collective_timeout
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
 
 
@@ -86,7 +89,8 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=collective_timeout(cfg.parallel.timeout_s))
         ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes(device.type)
     return ctx, device
 
@@ -133,7 +137,7 @@ def build_data_source(cfg: RunConfig, ctx: ParallelContext):
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dims.dp,
         train_samples=t.steps * t.global_batch_size,
-        valid_samples=max(t.eval_iters, 1) * t.global_batch_size,
+        valid_samples=max(t.eval_iters, 1) * t.global_batch_size if t.eval_every else 0,  # 0: no valid split
     )
 
 
@@ -144,6 +148,7 @@ class Trainer:
         cfg.validate()
         self.cfg, t = cfg, cfg.train
         self.ctx, self.device = init_distributed(cfg)
+        self.run_lock = acquire_run_lock(cfg.out_dir, self.ctx.rank == 0, self.device)  # one job per out_dir
         torch.manual_seed(t.seed)
         self.model = build_parallel_model(cfg, self.ctx, self.device)
         self.model.train()
@@ -154,15 +159,17 @@ class Trainer:
         self.step = 0
         self.result = TrainResult(steps=t.steps)
         self.bad_streak = 0
+        self.loss_guard = LossGuard(t.loss_spike_factor, t.loss_spike_window, t.loss_spike_skip)
         self.pending_save = None
-        self.checkpoint_group = (dist.new_group(backend="gloo")
+        self.checkpoint_group = (dist.new_group(backend="gloo", timeout=collective_timeout(cfg.parallel.timeout_s))
                                  if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
-        resume = resolve_resume(cfg.checkpoint.resume, cfg.out_dir)
+        resume, meta = resume_checkpoint(cfg.checkpoint.resume, cfg.out_dir, self.model, self.optimizer, cfg,
+                                         verify=cfg.checkpoint.verify, log=self._print)
         if resume is not None:
-            meta = load_checkpoint(resume, self.model, self.optimizer, cfg)
             self.step = int(meta["step"])
             self.data.load_state_dict(meta["data"])
+            self.loss_guard.history.extend(meta.get("loss_history", []))
             self._print(f"resumed from {resume} at step {self.step}")
         self.logger = MetricsLogger(cfg.logging, cfg.out_dir, t.steps, run_config=asdict(cfg), enabled=self.ctx.is_log_rank)
         self.logger.advance(self.step)
@@ -234,15 +241,16 @@ class Trainer:
         total, count = reduce_scalars([total, len(batches)], self.ctx, "dp", device)
         return total / max(count, 1)
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Average, clip and apply gradients; a non-finite norm skips the update on every rank."""
+    def optimizer_step(self, skip: bool = False) -> torch.Tensor:
+        """Average, clip and apply gradients; a non-finite norm (or `skip`, the loss guard's
+        verdict, the same on every rank) skips the update on every rank."""
         t = self.cfg.train
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.div_(self.n_micro)
         sync_gradients(self.model, self.ctx)
         grad_norm = global_grad_norm(self.model, self.ctx)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm) and not skip:
             self.bad_streak = 0
             if t.grad_clip > 0:
                 clip = min(1.0, t.grad_clip / (float(grad_norm) + 1e-6))
@@ -254,13 +262,14 @@ class Trainer:
         else:  # the norm is global, so every rank skips together
             self.bad_streak += 1
             self.result.skipped_steps += 1
-            self._print(f"step {self.step + 1}: non-finite gradient norm, update skipped")
+            if not skip:
+                self._print(f"step {self.step + 1}: non-finite gradient norm, update skipped")
             if self.bad_streak >= t.max_bad_steps:
-                raise RuntimeError(
-                    f"step {self.step + 1}: {self.bad_streak} consecutive steps with a non-finite loss or "
-                    f"gradient norm (train.max_bad_steps={t.max_bad_steps}); stopping with the last good "
-                    "checkpoint untouched. Lower train.lr or inspect the data."
-                )
+                self.finish_pending_save()
+                from mohge.train.checkpoint import checkpoint_root, last_healthy
+
+                raise DivergenceError(divergence_message(self.step + 1, self.bad_streak, t.max_bad_steps,
+                                                         last_healthy(checkpoint_root(self.cfg.out_dir))))
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -269,8 +278,12 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.train)
         set_lr(self.optimizer, lr)
         loss = self.forward_backward()
-        grad_norm = self.optimizer_step()
+        # The data-parallel mean loss first: the loss guard judges it, the same on every rank.
         loss = reduce_scalars([loss], self.ctx, "dp", self.device, mean=True)[0]
+        skip, report = self.loss_guard.judge(self.step + 1, loss)
+        if report:
+            self._print(report)
+        grad_norm = self.optimizer_step(skip)
         self.step += 1
         return loss, grad_norm, lr
 
@@ -279,7 +292,9 @@ class Trainer:
         c = self.cfg.checkpoint
         self.finish_pending_save()
         result = save_checkpoint(self.cfg.out_dir, self.step, self.model, self.optimizer, self.data.state_dict(),
-                                 self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group)
+                                 self.cfg, keep=c.keep, async_save=c.async_save, process_group=self.checkpoint_group,
+                                 extra={"bad_streak": self.bad_streak,  # > 0: pruning keeps an older healthy one
+                                        "loss_history": list(self.loss_guard.history)})
         if c.async_save:
             self.pending_save = result
             self._print(f"writing checkpoint for step {self.step} in the background")
@@ -297,9 +312,10 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         tokens_per_step = t.global_batch_size * t.seq_len
         window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
-        with PreemptionHandler() as preemption:
+        with PreemptionHandler() as preemption, Watchdog(t.watchdog_s, self.ctx.rank) as watchdog:
             while self.step < t.steps:
                 loss, grad_norm, lr = self.train_step()
+                watchdog.beat(f"step {self.step}")
                 self.result.losses.append(loss)
                 window["tokens"] += tokens_per_step
                 window["loss"] += loss
@@ -311,6 +327,7 @@ class Trainer:
                     window = {"start": time.perf_counter(), "tokens": 0, "loss": 0.0, "steps": 0}
                 if (c.every and self.step % c.every == 0) or (last and c.save_final):
                     self.save()
+                watchdog.beat(f"step {self.step} (log, eval, save)")
                 if not last and preemption.should_stop(self.ctx.group("world"), self.device):
                     if not (c.every and self.step % c.every == 0):
                         self.save()
@@ -322,7 +339,7 @@ class Trainer:
                                 f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
                     self.logger.close()
                     raise SystemExit(REQUEUE_EXIT_CODE)
-        self.finish_pending_save()
+            self.finish_pending_save()
         self.logger.close()
         return self.result
 
@@ -343,6 +360,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
             "skipped_steps": self.result.skipped_steps,
+            "loss_spikes": self.loss_guard.spikes,
             "group_aux_active": group_aux_active,
             "moe": moe["moe"],
         }
@@ -356,4 +374,9 @@ class Trainer:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Runs (or resumes) training to `cfg.train.steps` and returns the loss history."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
