@@ -140,3 +140,33 @@ def test_bad_attention_config_names_the_field(kw, needle):
     base = dict(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_type="dense")
     with pytest.raises(ConfigError, match=needle):
         ModelConfig(**{**base, **kw}).validate()
+
+
+def test_standalone_modeling_matches_mla_yarn_model(tmp_path):
+    """launch/modeling.py (loaded as a loose file) computes the trainer model's logits for MLA +
+    YaRN, with and without query compression."""
+    import dataclasses
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(__file__).parents[1] / "launch" / "modeling.py"
+    spec = importlib.util.spec_from_file_location("standalone_modeling_mla", path)
+    modeling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modeling)
+    for q_lora_rank in (0, 24):
+        cfg = _mla_model(q_lora_rank=q_lora_rank)
+        cfg.rope_scaling = RopeScalingConfig(type="yarn", factor=40.0, original_max_seq_len=16, mscale=0.707,
+                                             mscale_all_dim=0.707)
+        model = build_model(cfg, "cpu")
+        model.init_weights(1)
+        out = tmp_path / f"q{q_lora_rank}"
+        out.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
+        standalone = modeling.MoHGEForCausalLM.from_pretrained(str(out))
+        tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(standalone(tokens), model(tokens), rtol=1e-5, atol=1e-5)
