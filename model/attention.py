@@ -21,6 +21,17 @@ from mohge.model.config import MLAConfig
 from mohge.model.rope import apply_rope
 
 
+class CausalSDPA(nn.Module):
+    """Causal attention over the local sequence: q [B,H,S,K], k [B,Hkv,S,K], v [B,Hkv,S,V].
+
+    A module so that context parallel can swap in one that attends over the whole sequence."""
+
+    def forward(self, q_BHSK, k_BHSK, v_BHSV, scale: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=scale, enable_gqa=q_BHSK.shape[1] != k_BHSK.shape[1]
+        )
+
+
 class MultiLatentAttention(nn.Module):
     """Causal MLA through scaled_dot_product_attention; `softmax_scale_factor` carries YaRN's
     attention temperature."""
@@ -43,6 +54,7 @@ class MultiLatentAttention(nn.Module):
         # The rotary key feeds every head; under tensor parallel each rank's heads contribute only
         # part of its gradient, so the TP plan swaps this identity for a gradient all-reduce.
         self.shared_key_boundary: nn.Module = nn.Identity()
+        self.core: nn.Module = CausalSDPA()
 
     def project_qkv(self, x_BSD: torch.Tensor, rope_SR: torch.Tensor):
         """q [B,S,H,N+R], k [B,S,H,N+R], v [B,S,H,V] with RoPE applied (shared by the KV-cache and
@@ -63,8 +75,5 @@ class MultiLatentAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope_SR: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BSHK, k_BSHK, v_BSHV = self.project_qkv(x_BSD, rope_SR)
-        out_BHSV = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2),
-            is_causal=True, scale=self.softmax_scale,
-        )
+        out_BHSV = self.core(q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2), self.softmax_scale)
         return self.wo(out_BHSV.transpose(1, 2).reshape(B, S, -1))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mohge.model.attention import CausalSDPA
 from mohge.model.rope import apply_rope, rope_cache  # noqa: F401  (rope_cache: old import path)
 
 
@@ -28,20 +29,15 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.core: nn.Module = CausalSDPA()  # context parallel swaps in a whole-sequence one
 
     def forward(self, x_BSD: torch.Tensor, rope_SDh: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BSHDh = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
         k_BSHDh = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
         v_BSHDh = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        out_BHSDh = F.scaled_dot_product_attention(
-            q_BSHDh.transpose(1, 2),
-            k_BSHDh.transpose(1, 2),
-            v_BSHDh.transpose(1, 2),
-            is_causal=True,
-            scale=self.softmax_scale,
-            enable_gqa=q_BSHDh.shape[2] != k_BSHDh.shape[2],
-        )
+        out_BHSDh = self.core(q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2), v_BSHDh.transpose(1, 2),
+                              self.softmax_scale)
         return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -56,11 +56,14 @@ class Transformer(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.register_buffer("rope", _rope_table(cfg), persistent=False)
+        self.positions: torch.Tensor | None = None  # set by context parallel (parallel/context_parallel.py)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        # context parallel: this process holds the tokens at `positions` of each sequence
+        rope = self.rope if self.positions is None else self.rope[self.positions]
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, rope)
         if self.norm is None:  # a pipeline stage before the last returns hidden states
             return h
         h = self.norm(h)

@@ -1,0 +1,87 @@
+"""Context parallel: every sequence split over `cp` ranks, attention over the whole sequence.
+
+Shape legend: B batch, S full sequence, Sl = S / cp local tokens, H heads, K qk head dim, V v head dim.
+
+Load-balanced causal sharding: the sequence is cut into 2*cp chunks and rank r holds chunks r and
+2*cp-1-r, so every rank owns as many early (cheap) as late (expensive) causal rows. Attention
+gathers keys and values of the whole sequence from the cp group (`AllGatherSequence`: all-gather
+forward, sum-and-slice backward) and masks by global positions, the all-gather flavour of context
+parallel that megatron-core offers as cp_comm_type=all_gather; queries, MLPs/experts, norms and
+activations stay split. Everything outside attention is per token, so it runs on the local tokens
+unchanged. The loss is a mean over the cp group's tokens and parameter gradients are averaged over
+the group like data parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_balanced_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions [Sl] held by `rank`: chunks rank and 2*cp-1-rank of 2*cp equal chunks."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"train.seq_len: {seq_len} must be divisible by 2 * parallel.cp = {2 * cp}")
+    chunk = seq_len // (2 * cp)
+    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+def shard_sequence(x_BS: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """This rank's tokens (dim 1) of a full-sequence batch."""
+    return x_BS[:, load_balanced_positions(x_BS.shape[1], cp, rank, x_BS.device)]
+
+
+class AllGatherSequence(torch.autograd.Function):
+    """All-gather along dim 2 ([B, H, Sl, *] -> [B, H, cp*Sl, *], in rank order); backward sums
+    the gradient over the group and keeps this rank's slice (a reduce-scatter; gloo has none)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.local = group, dist.get_rank(group), x.shape[2]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad = grad_out.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(2, ctx.rank * ctx.local, ctx.local).contiguous(), None
+
+
+class ContextParallelSDPA(nn.Module):
+    """Drop-in for model.attention.CausalSDPA: local queries attend over the gathered sequence,
+    causally by global position."""
+
+    def __init__(self, group, positions_Sl: torch.Tensor, all_positions_S: torch.Tensor):
+        super().__init__()
+        self.group = group
+        # mask [Sl, S]: query at global position p sees keys at positions <= p. A plain attribute,
+        # not a buffer: to_empty() after parallelize would leave a buffer uninitialised.
+        self.mask_SlS = positions_Sl[:, None] >= all_positions_S[None, :]
+
+    def forward(self, q_BHSK, k_BHSK, v_BHSV, scale: float) -> torch.Tensor:
+        k_full = AllGatherSequence.apply(k_BHSK, self.group)
+        v_full = AllGatherSequence.apply(v_BHSV, self.group)
+        if self.mask_SlS.device != q_BHSK.device:
+            self.mask_SlS = self.mask_SlS.to(q_BHSK.device)
+        return F.scaled_dot_product_attention(
+            q_BHSK, k_full, v_full, attn_mask=self.mask_SlS, scale=scale,
+            enable_gqa=q_BHSK.shape[1] != k_full.shape[1],
+        )
+
+
+def apply_context_parallel(model: nn.Module, group, seq_len: int) -> torch.Tensor:
+    """Makes `model` (a plain mohge Transformer) run on this rank's share of every sequence of
+    length `seq_len`; returns the global positions [Sl] of the tokens it must be fed."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    positions = load_balanced_positions(seq_len, cp, rank)
+    all_positions = torch.cat([load_balanced_positions(seq_len, cp, r) for r in range(cp)])
+    model.positions = positions
+    for block in model.layers.values():
+        block.attention.core = ContextParallelSDPA(group, positions, all_positions)
+    return positions

@@ -1,0 +1,105 @@
+"""Context parallel (parallel/context_parallel.py): load-balanced sharding, the sequence all-gather
+op, and model loss/gradients under cp=2 against the single process (gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_ranks
+
+from mohge.parallel.context_parallel import load_balanced_positions, shard_sequence
+
+
+def test_load_balanced_positions_cover_the_sequence_and_balance_causal_work():
+    S, cp = 16, 4
+    parts = [load_balanced_positions(S, cp, r) for r in range(cp)]
+    assert torch.cat(parts).sort().values.tolist() == list(range(S))
+    assert parts[0].tolist() == [0, 1, 14, 15] and parts[3].tolist() == [6, 7, 8, 9]
+    # causal work of a query at position p is p + 1 keys: equal on every rank
+    assert len({int((p + 1).sum()) for p in parts}) == 1
+    x = torch.arange(2 * S).view(2, S)
+    assert shard_sequence(x, cp, 1).tolist() == [[2, 3, 12, 13], [18, 19, 28, 29]]
+    with pytest.raises(ValueError, match="train.seq_len"):
+        load_balanced_positions(12, 4, 0)
+
+
+def _all_gather_rank(rank, world):
+    import torch.distributed as dist
+
+    from mohge.parallel.context_parallel import AllGatherSequence
+
+    x = torch.full((1, 2, 3, 2), float(rank), requires_grad=True)
+    y = AllGatherSequence.apply(x, dist.group.WORLD)
+    weight = torch.arange(y.numel(), dtype=torch.float32).view_as(y)
+    (y * weight).sum().backward()
+    return y.detach(), x.grad, weight
+
+
+@pytest.mark.multirank
+def test_all_gather_sequence_forward_and_backward():
+    world = 2
+    for rank, (y, grad, weight) in enumerate(run_ranks(world, _all_gather_rank)):
+        assert y[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1]
+        # every rank used the same weight, so the summed gradient of its slice is world * weight
+        torch.testing.assert_close(grad, world * weight[:, :, rank * 3:(rank + 1) * 3])
+
+
+def _cfg(attention: str, ffn_type: str):
+    from mohge.model.config import MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
+
+    kw = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, max_seq_len=32,
+              ffn_type=ffn_type, moe=MoEConfig(intra_aux_coeff=0.0, group_aux_coeff=0.0))
+    if attention == "mla":
+        kw.update(n_kv_heads=4, attention="mla",
+                  mla=MLAConfig(q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
+                  rope_scaling=RopeScalingConfig(type="yarn", factor=4.0, original_max_seq_len=8, mscale=1.0,
+                                                 mscale_all_dim=1.0))
+    return ModelConfig(**kw)
+
+
+def _loss_and_grads(attention, ffn_type, group=None):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from mohge.model.transformer import build_model
+    from mohge.parallel.context_parallel import apply_context_parallel
+
+    model = build_model(_cfg(attention, ffn_type), "meta")
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(5))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if group is not None:
+        positions = apply_context_parallel(model, group, inputs.shape[1])
+        inputs, labels = inputs[:, positions], labels[:, positions]
+    model.to_empty(device="cpu")
+    model.init_weights(11)
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss = loss.detach()
+    if group is not None:  # mean over the cp group's tokens (equal shares), gradients averaged
+        cp = dist.get_world_size(group)
+        dist.all_reduce(loss, group=group)
+        for g in grads.values():
+            dist.all_reduce(g, group=group)
+            g /= cp
+        loss /= cp
+    return float(loss), grads
+
+
+def _cp_rank(rank, world, attention, ffn_type):
+    import torch.distributed as dist
+
+    return _loss_and_grads(attention, ffn_type, dist.group.WORLD)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("attention,ffn_type", [("gqa", "dense"), ("mla", "mohge")])
+def test_context_parallel_matches_single_process(attention, ffn_type):
+    """cp=2 with load-balanced causal sharding: same loss and gradients as one process (GQA with
+    2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see the MoE aux test)."""
+    want_loss, want = _loss_and_grads(attention, ffn_type)
+    for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type):
+        assert got_loss == pytest.approx(want_loss, rel=1e-6)
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
