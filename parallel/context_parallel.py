@@ -8,16 +8,21 @@ gathers keys and values of the whole sequence from the cp group (`AllGatherSeque
 forward, sum-and-slice backward) and masks by global positions, the all-gather flavour of context
 parallel that megatron-core offers as cp_comm_type=all_gather; queries, MLPs/experts, norms and
 activations stay split. Everything outside attention is per token, so it runs on the local tokens
-unchanged. The loss is a mean over the cp group's tokens and parameter gradients are averaged over
+unchanged, except the MoE auxiliary losses, which couple all tokens of a micro-batch: they are
+computed on the routing gathered from the group (`gather_routing`). The loss is a mean over the cp group's tokens and parameter gradients are averaged over
 the group like data parallel.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from mohge.model.moe.layer import MoHGELayer
 
 
 def load_balanced_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -36,21 +41,53 @@ def shard_sequence(x_BS: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
 
 
 class AllGatherSequence(torch.autograd.Function):
-    """All-gather along dim 2 ([B, H, Sl, *] -> [B, H, cp*Sl, *], in rank order); backward sums
-    the gradient over the group and keeps this rank's slice (a reduce-scatter; gloo has none)."""
+    """All-gather along `dim` (local parts concatenated in rank order); backward sums the gradient
+    over the group and keeps this rank's slice (a reduce-scatter; gloo has none)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group, ctx.rank, ctx.local = group, dist.get_rank(group), x.shape[2]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=2)
+    def forward(ctx, x: torch.Tensor, group, dim: int = 2) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.local, ctx.dim = group, dist.get_rank(group), x.shape[dim], dim
+        return _all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad = grad_out.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad.narrow(2, ctx.rank * ctx.local, ctx.local).contiguous(), None
+        return grad.narrow(ctx.dim, ctx.rank * ctx.local, ctx.local).contiguous(), None, None
+
+
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_routing(routing, group):
+    """The routing of all the cp group's tokens (token dim 0 of every field): differentiable fields
+    through AllGatherSequence, index/mask fields plainly (bool travels as uint8)."""
+    fields = {}
+    for f in dataclasses.fields(routing):
+        x = getattr(routing, f.name)
+        if x.requires_grad:
+            fields[f.name] = AllGatherSequence.apply(x, group, 0)
+        elif x.dtype == torch.bool:
+            fields[f.name] = _all_gather(x.to(torch.uint8), group, 0).bool()
+        else:
+            fields[f.name] = _all_gather(x, group, 0)
+    return dataclasses.replace(routing, **fields)
+
+
+def _global_aux_losses(layer, group):
+    """MoHGELayer.aux_losses over the whole sequences of the cp group: the losses are products of
+    token sums (P . c / T^2), so every rank computes them on the gathered routing. Each rank then
+    attaches the same global value; the gather's backward sums the cp ranks' gradients, which the
+    cp gradient average turns back into exactly one copy."""
+    local_aux_losses = layer.aux_losses
+
+    def aux_losses(routing):
+        return local_aux_losses(gather_routing(routing, group))
+
+    return aux_losses
 
 
 class ContextParallelSDPA(nn.Module):
@@ -65,8 +102,8 @@ class ContextParallelSDPA(nn.Module):
         self.mask_SlS = positions_Sl[:, None] >= all_positions_S[None, :]
 
     def forward(self, q_BHSK, k_BHSK, v_BHSV, scale: float) -> torch.Tensor:
-        k_full = AllGatherSequence.apply(k_BHSK, self.group)
-        v_full = AllGatherSequence.apply(v_BHSV, self.group)
+        k_full = AllGatherSequence.apply(k_BHSK, self.group, 2)
+        v_full = AllGatherSequence.apply(v_BHSV, self.group, 2)
         if self.mask_SlS.device != q_BHSK.device:
             self.mask_SlS = self.mask_SlS.to(q_BHSK.device)
         return F.scaled_dot_product_attention(
@@ -84,4 +121,6 @@ def apply_context_parallel(model: nn.Module, group, seq_len: int) -> torch.Tenso
     model.positions = positions
     for block in model.layers.values():
         block.attention.core = ContextParallelSDPA(group, positions, all_positions)
+        if isinstance(block.ffn, MoHGELayer):  # aux losses over the whole sequences
+            block.ffn.aux_losses = _global_aux_losses(block.ffn, group)
     return positions

@@ -29,7 +29,7 @@ def _all_gather_rank(rank, world):
     from mohge.parallel.context_parallel import AllGatherSequence
 
     x = torch.full((1, 2, 3, 2), float(rank), requires_grad=True)
-    y = AllGatherSequence.apply(x, dist.group.WORLD)
+    y = AllGatherSequence.apply(x, dist.group.WORLD, 2)
     weight = torch.arange(y.numel(), dtype=torch.float32).view_as(y)
     (y * weight).sum().backward()
     return y.detach(), x.grad, weight
@@ -44,11 +44,15 @@ def test_all_gather_sequence_forward_and_backward():
         torch.testing.assert_close(grad, world * weight[:, :, rank * 3:(rank + 1) * 3])
 
 
-def _cfg(attention: str, ffn_type: str):
-    from mohge.model.config import MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
+def _cfg(attention: str, ffn_type: str, aux: bool = False):
+    from mohge.model.config import ExpertGroupConfig, MLAConfig, ModelConfig, MoEConfig, RopeScalingConfig
 
     kw = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=48, max_seq_len=32,
               ffn_type=ffn_type, moe=MoEConfig(intra_aux_coeff=0.0, group_aux_coeff=0.0))
+    if aux:  # large coefficients so that a per-rank (wrong) aux loss shows in the gradients
+        groups = [ExpertGroupConfig(4, 16), ExpertGroupConfig(4, 32)]
+        kw["moe"] = MoEConfig(groups=groups, k_group=1, top_k=2, group_aux_coeff=0.5, group_aux_start_fraction=0.0,
+                              intra_aux_coeff=0.5, z_loss_coeff=0.1)
     if attention == "mla":
         kw.update(n_kv_heads=4, attention="mla",
                   mla=MLAConfig(q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
@@ -57,14 +61,14 @@ def _cfg(attention: str, ffn_type: str):
     return ModelConfig(**kw)
 
 
-def _loss_and_grads(attention, ffn_type, group=None):
+def _loss_and_grads(attention, ffn_type, group=None, aux=False):
     import torch.distributed as dist
     import torch.nn.functional as F
 
     from mohge.model.transformer import build_model
     from mohge.parallel.context_parallel import apply_context_parallel
 
-    model = build_model(_cfg(attention, ffn_type), "meta")
+    model = build_model(_cfg(attention, ffn_type, aux), "meta")
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(5))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if group is not None:
@@ -86,10 +90,10 @@ def _loss_and_grads(attention, ffn_type, group=None):
     return float(loss), grads
 
 
-def _cp_rank(rank, world, attention, ffn_type):
+def _cp_rank(rank, world, attention, ffn_type, aux=False):
     import torch.distributed as dist
 
-    return _loss_and_grads(attention, ffn_type, dist.group.WORLD)
+    return _loss_and_grads(attention, ffn_type, dist.group.WORLD, aux)
 
 
 @pytest.mark.slow
@@ -100,6 +104,18 @@ def test_context_parallel_matches_single_process(attention, ffn_type):
     2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see the MoE aux test)."""
     want_loss, want = _loss_and_grads(attention, ffn_type)
     for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type):
+        assert got_loss == pytest.approx(want_loss, rel=1e-6)
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
+    """Group-wise, intra-group and z losses (large coefficients, two size groups) under cp=2: the
+    gradients equal the single process, whose losses see every token of the micro-batch."""
+    want_loss, want = _loss_and_grads("gqa", "mohge", aux=True)
+    for got_loss, got in run_ranks(2, _cp_rank, "gqa", "mohge", True):
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
