@@ -29,6 +29,7 @@ class ParallelConfig:
     ep: int = 1
     activation_checkpoint: str = "none"
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
+    cp: int = 1  # context parallel: data-parallel ranks that split each sequence between them
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):

@@ -124,3 +124,61 @@ def apply_context_parallel(model: nn.Module, group, seq_len: int) -> torch.Tenso
         if isinstance(block.ffn, MoHGELayer):  # aux losses over the whole sequences
             block.ffn.aux_losses = _global_aux_losses(block.ffn, group)
     return positions
+
+
+# ---- trainer wiring: cp is carved out of the data-parallel ranks, as ep is -------------------
+def validate_context_parallel(run_cfg) -> None:
+    """parallel.cp: divides the data-parallel degree, splits train.seq_len into 2*cp chunks, and
+    runs without tp/pp for now (those compositions are not tested yet)."""
+    from mohge.model.config import ConfigError
+
+    p, cp = run_cfg.parallel, run_cfg.parallel.cp
+    if cp < 1:
+        raise ConfigError(f"parallel.cp: must be >= 1 (got {cp})")
+    if cp == 1:
+        return
+    dp = p.dp_replicate * p.dp_shard
+    if dp % cp:
+        raise ConfigError(f"parallel.cp: {cp} must divide the data-parallel degree dp_replicate x dp_shard = {dp} "
+                          "(context-parallel ranks are carved out of the data-parallel ones)")
+    if run_cfg.train.seq_len % (2 * cp):
+        raise ConfigError(f"train.seq_len: {run_cfg.train.seq_len} must be divisible by 2 * parallel.cp = {2 * cp} "
+                          "(load-balanced causal sharding)")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError("parallel.cp > 1: not supported with parallel.tp > 1 or parallel.pp > 1 yet; use cp with "
+                          "dp_replicate / dp_shard / ep")
+
+
+def build_cp_group(dims, rank: int, cp: int):
+    """This rank's cp group: `cp` consecutive data-parallel indices (same pp and tp coordinates).
+    Every rank creates every group, in the same order, as new_group requires."""
+    mine = None
+    for pp_i in range(dims.pp):
+        for tp_i in range(dims.tp):
+            for block in range(dims.dp // cp):
+                ranks = [pp_i * dims.tp * dims.dp + (block * cp + j) * dims.tp + tp_i for j in range(cp)]
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine = group
+    return mine
+
+
+class ContextParallelData:
+    """Wraps a data source: every batch it hands out holds only this rank's `positions`."""
+
+    def __init__(self, source, positions: torch.Tensor):
+        self.source, self.positions = source, positions
+
+    def next_train_batch(self):
+        tokens, labels = self.source.next_train_batch()
+        return tokens[:, self.positions], labels[:, self.positions]
+
+    def valid_batches(self, num_batches: int):
+        for tokens, labels in self.source.valid_batches(num_batches):
+            yield tokens[:, self.positions], labels[:, self.positions]
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.source.load_state_dict(state)

@@ -119,3 +119,41 @@ def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["parallel.dp_replicate=2", "parallel.cp=4"], "parallel.cp: 4 must divide"),
+    (["parallel.dp_replicate=2", "parallel.cp=2", "train.seq_len=30"], "train.seq_len: 30"),
+    (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=2"], "not supported with parallel.tp"),
+    (["parallel.cp=0"], "parallel.cp: must be >= 1"),
+])
+def test_bad_context_parallel_config_names_the_field(overrides, needle):
+    from mohge.model.config import ConfigError
+    from mohge.train.hydra_config import compose_config
+
+    with pytest.raises(ConfigError, match=needle):
+        compose_config("tiny_mohge", overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout,attention", [
+    (["parallel.dp_replicate=2", "parallel.cp=2"], "gqa"),
+    (["parallel.dp_shard=4", "parallel.cp=2", "parallel.ep=2"], "mla"),
+], ids=["dp2-cp2-gqa", "fsdp4-cp2-ep2-mla"])
+def test_training_with_context_parallel_matches_single_process(tmp_path, layout, attention):
+    """mohge-train (tiny_mohge, aux losses on): losses, grad norms, validation losses, final weights
+    and expert loads under cp=2 equal the single process reading the same global batches."""
+    from test_mla_parallel import MLA
+    from test_train_parallel import _assert_same_weights, _nproc, _run, _val_losses
+
+    extra = MLA if attention == "mla" else []
+    ref = _run(tmp_path / "ref", 1, *extra)
+    lines = _run(tmp_path / "cp", _nproc(layout), *extra, *layout)
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in ref], rel=1e-5)
+    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in ref], rel=1e-5)
+    assert [l["intra_group_aux_loss"] for l in lines] == pytest.approx([l["intra_group_aux_loss"] for l in ref],
+                                                                       rel=1e-5)
+    assert _val_losses(lines) == pytest.approx(_val_losses(ref), rel=1e-5)
+    assert lines[0]["moe"]["layers.0.ffn"]["expert_load"] == pytest.approx(ref[0]["moe"]["layers.0.ffn"]["expert_load"])
+    _assert_same_weights(tmp_path / "cp", tmp_path / "ref")

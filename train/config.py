@@ -74,6 +74,9 @@ class RunConfig:
         """Fail at start-up, naming the field, on any combination that cannot run."""
         self.model.validate()
         self.parallel.validate()
+        from mohge.parallel.context_parallel import validate_context_parallel
+
+        validate_context_parallel(self)
         p = self.parallel
         if p.pp > 1:
             n_micro = self.grad_accum_steps if self.train.global_batch_size % (
@@ -107,7 +110,7 @@ class RunConfig:
             )
         if t.micro_batch_size < 1:
             raise ConfigError("train.micro_batch_size: must be >= 1")
-        dp = self.parallel.dp_replicate * self.parallel.dp_shard
+        dp = self.parallel.dp_replicate * self.parallel.dp_shard // self.parallel.cp  # ranks reading distinct data
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
@@ -134,5 +137,5 @@ class RunConfig:
 
     @property
     def grad_accum_steps(self) -> int:
-        dp = self.parallel.dp_replicate * self.parallel.dp_shard
+        dp = self.parallel.dp_replicate * self.parallel.dp_shard // self.parallel.cp  # ranks reading distinct data
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)
