@@ -138,9 +138,9 @@ def test_bad_context_parallel_config_names_the_field(overrides, needle):
 @pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout,attention", [
-    (["parallel.dp_replicate=2", "parallel.cp=2"], "gqa"),
+    (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.activation_checkpoint=full"], "gqa"),
     (["parallel.dp_shard=4", "parallel.cp=2", "parallel.ep=2"], "mla"),
-], ids=["dp2-cp2-gqa", "fsdp4-cp2-ep2-mla"])
+], ids=["dp2-cp2-gqa-ac", "fsdp4-cp2-ep2-mla"])
 def test_training_with_context_parallel_matches_single_process(tmp_path, layout, attention):
     """mohge-train (tiny_mohge, aux losses on): losses, grad norms, validation losses, final weights
     and expert loads under cp=2 equal the single process reading the same global batches."""

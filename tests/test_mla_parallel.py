@@ -79,9 +79,9 @@ def _all_reduce_backward_rank(rank, world):
 
 @pytest.mark.multirank
 def test_all_reduce_backward_is_identity_forward_sum_backward():
-    for y, grad in run_ranks(3, _all_reduce_backward_rank):
+    for y, grad in run_ranks(2, _all_reduce_backward_rank):
         torch.testing.assert_close(y, torch.arange(4.0))
-        torch.testing.assert_close(grad, torch.full((4,), 1.0 + 2.0 + 3.0))
+        torch.testing.assert_close(grad, torch.full((4,), 1.0 + 2.0))
 
 
 @pytest.mark.slow
