@@ -128,8 +128,8 @@ def apply_context_parallel(model: nn.Module, group, seq_len: int) -> torch.Tenso
 
 # ---- trainer wiring: cp is carved out of the data-parallel ranks, as ep is -------------------
 def validate_context_parallel(run_cfg) -> None:
-    """parallel.cp: divides the data-parallel degree, splits train.seq_len into 2*cp chunks, and
-    runs without tp/pp for now (those compositions are not tested yet)."""
+    """parallel.cp: divides the data-parallel degree and splits train.seq_len into 2*cp chunks
+    (each of which sequence parallel can split again over tp)."""
     from mohge.model.config import ConfigError
 
     p, cp = run_cfg.parallel, run_cfg.parallel.cp
@@ -144,9 +144,10 @@ def validate_context_parallel(run_cfg) -> None:
     if run_cfg.train.seq_len % (2 * cp):
         raise ConfigError(f"train.seq_len: {run_cfg.train.seq_len} must be divisible by 2 * parallel.cp = {2 * cp} "
                           "(load-balanced causal sharding)")
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError("parallel.cp > 1: not supported with parallel.tp > 1 or parallel.pp > 1 yet; use cp with "
-                          "dp_replicate / dp_shard / ep")
+    local = run_cfg.train.seq_len // cp
+    if p.tp > 1 and p.sequence_parallel and local % p.tp:
+        raise ConfigError(f"train.seq_len: each cp rank holds {local} tokens per sequence, which sequence parallel "
+                          f"must split over parallel.tp={p.tp}; change seq_len or parallel.sequence_parallel=false")
 
 
 def build_cp_group(dims, rank: int, cp: int):

@@ -124,7 +124,8 @@ def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
 @pytest.mark.parametrize("overrides,needle", [
     (["parallel.dp_replicate=2", "parallel.cp=4"], "parallel.cp: 4 must divide"),
     (["parallel.dp_replicate=2", "parallel.cp=2", "train.seq_len=30"], "train.seq_len: 30"),
-    (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=2"], "not supported with parallel.tp"),
+    (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=4", "model.n_kv_heads=4", "train.seq_len=12"],
+     "sequence parallel"),
     (["parallel.cp=0"], "parallel.cp: must be >= 1"),
 ])
 def test_bad_context_parallel_config_names_the_field(overrides, needle):
@@ -157,3 +158,30 @@ def test_training_with_context_parallel_matches_single_process(tmp_path, layout,
     assert _val_losses(lines) == pytest.approx(_val_losses(ref), rel=1e-5)
     assert lines[0]["moe"]["layers.0.ffn"]["expert_load"] == pytest.approx(ref[0]["moe"]["layers.0.ffn"]["expert_load"])
     _assert_same_weights(tmp_path / "cp", tmp_path / "ref")
+
+
+@pytest.fixture(scope="module")
+def pp_ref(tmp_path_factory):
+    from test_train_parallel import PP, _run
+
+    out = tmp_path_factory.mktemp("cp_ppref")
+    return out, _run(out, 1, *PP)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=2"],
+    ["parallel.dp_replicate=2", "parallel.cp=2", "parallel.pp=2"],
+], ids=["dp2-cp2-tp2", "dp2-cp2-pp2"])
+def test_context_parallel_composes_with_tp_and_pp(tmp_path, pp_ref, layout):
+    """cp=2 with tensor (sequence) parallel or a pipeline: single-process losses, grad norms,
+    validation losses and final weights (one sequence per micro-batch, 4 layers)."""
+    from test_train_parallel import PP, _assert_same_weights, _nproc, _run, _val_losses
+
+    ref_dir, ref = pp_ref
+    lines = _run(tmp_path, _nproc(layout), *PP, *layout)
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in ref], rel=1e-5)
+    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in ref], rel=1e-5)
+    assert _val_losses(lines) == pytest.approx(_val_losses(ref), rel=1e-5)
+    _assert_same_weights(tmp_path, ref_dir)
