@@ -11,7 +11,7 @@ shards) and computes the same logits as the training model. Copy this one file a
 from __future__ import annotations
 
 import json
-
+import math
 from pathlib import Path
 
 import torch
@@ -19,10 +19,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _rope(seq_len: int, head_dim: int, theta: float) -> torch.Tensor:
+def _rope(seq_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv, mag = _scale_frequencies(inv, head_dim, theta, scaling or {})
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
-    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+    return torch.cat([ang.cos(), ang.sin()], dim=-1) * mag
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _scale_frequencies(inv: torch.Tensor, dim: int, theta: float, sc: dict):
+    """RoPE context scaling (mohge.model.rope restated): linear, or YaRN's ramp between
+    extrapolated and interpolated frequencies plus its cos/sin magnitude."""
+    kind = sc.get("type", "none")
+    if kind == "linear":
+        return inv / sc["factor"], 1.0
+    if kind != "yarn":
+        return inv, 1.0
+    f, orig = sc["factor"], sc["original_max_seq_len"]
+    corr = lambda rot: dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+    low, high = max(math.floor(corr(sc["beta_fast"])), 0), min(math.ceil(corr(sc["beta_slow"])), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return inv / f * ramp + inv * (1 - ramp), _yarn_mscale(f, sc["mscale"]) / _yarn_mscale(f, sc["mscale_all_dim"])
+
+
+def _softmax_scale(c: dict, head_dim: int) -> float:
+    """1/sqrt(head_dim), times YaRN's temperature mscale(factor, mscale_all_dim)^2 if set."""
+    sc = c.get("rope_scaling") or {}
+    if sc.get("type") == "yarn" and sc.get("mscale_all_dim"):
+        return head_dim**-0.5 * _yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
+    return head_dim**-0.5
 
 
 def _apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -49,13 +77,49 @@ class Attention(nn.Module):
         self.wk = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wv = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wo = nn.Linear(c["n_heads"] * self.hd, c["d_model"], bias=False)
+        self.scale = _softmax_scale(c, self.hd)
 
     def forward(self, x, rope):
         b, s, _ = x.shape
         q = _apply_rope(self.wq(x).view(b, s, -1, self.hd), rope).transpose(1, 2)
         k = _apply_rope(self.wk(x).view(b, s, -1, self.hd), rope).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (mohge.model.attention restated): K/V from a normed low-rank
+    latent, a rotary key shared by all heads, optional low-rank query."""
+
+    def __init__(self, c):
+        super().__init__()
+        m, d, h = c["mla"], c["d_model"], c["n_heads"]
+        self.m, qk = m, m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+        norm = lambda n: RMSNorm(n, c["norm_eps"]) if m["qk_norm"] else nn.Identity()  # noqa: E731
+        if m["q_lora_rank"]:
+            self.wq_a, self.q_norm = nn.Linear(d, m["q_lora_rank"], bias=False), norm(m["q_lora_rank"])
+            self.wq_b = nn.Linear(m["q_lora_rank"], h * qk, bias=False)
+        else:
+            self.wq = nn.Linear(d, h * qk, bias=False)
+        self.wkv_a = nn.Linear(d, m["kv_lora_rank"] + m["qk_rope_head_dim"], bias=False)
+        self.kv_norm = norm(m["kv_lora_rank"])
+        self.wkv_b = nn.Linear(m["kv_lora_rank"], h * (m["qk_nope_head_dim"] + m["v_head_dim"]), bias=False)
+        self.wo = nn.Linear(h * m["v_head_dim"], d, bias=False)
+        self.scale = _softmax_scale(c, qk)
+
+    def forward(self, x, rope):
+        b, s, _ = x.shape
+        m, n, r = self.m, self.m["qk_nope_head_dim"], self.m["qk_rope_head_dim"]
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if m["q_lora_rank"] else self.wq(x)
+        q_nope, q_rope = q.view(b, s, -1, n + r).split([n, r], -1)
+        latent, k_rope = self.wkv_a(x).split([m["kv_lora_rank"], r], -1)
+        k_nope, v = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, n + m["v_head_dim"]).split([n, m["v_head_dim"]], -1)
+        q = torch.cat([q_nope, _apply_rope(q_rope, rope)], -1).transpose(1, 2)
+        k_rope = _apply_rope(k_rope.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
+        k = torch.cat([k_nope, k_rope], -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -139,7 +203,7 @@ class Block(nn.Module):
     def __init__(self, c, layer_id):
         super().__init__()
         self.attention_norm = RMSNorm(c["d_model"], c["norm_eps"])
-        self.attention = Attention(c)
+        self.attention = MLAttention(c) if c.get("attention", "gqa") == "mla" else Attention(c)
         self.ffn_norm = RMSNorm(c["d_model"], c["norm_eps"])
         moe = c["ffn_type"] == "mohge" and layer_id >= c["first_k_dense"]
         self.ffn = MoHGE(c["d_model"], c["moe"]) if moe else SwiGLU(c["d_model"], c["ffn_hidden_size"])
@@ -157,7 +221,9 @@ class MoHGEForCausalLM(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(c, i) for i in range(c["n_layers"])})
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.output = None if c["tie_embeddings"] else nn.Linear(c["d_model"], c["vocab_size"], bias=False)
-        self.register_buffer("rope", _rope(c["max_seq_len"], c["d_model"] // c["n_heads"], c["rope_theta"]), persistent=False)
+        rope_dim = c["mla"]["qk_rope_head_dim"] if c.get("attention", "gqa") == "mla" else c["d_model"] // c["n_heads"]
+        self.register_buffer("rope", _rope(c["max_seq_len"], rope_dim, c["rope_theta"], c.get("rope_scaling")),
+                             persistent=False)
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32) -> "MoHGEForCausalLM":

@@ -16,6 +16,8 @@ COMBINE_MODES = ("renormalize", "authors")
 EXPERT_COMPUTE = ("auto", "loop", "grouped")
 ALLOCATIONS = ("all_size", "group_coupled")
 FFN_TYPES = ("dense", "mohge")
+ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
@@ -181,6 +183,70 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE context scaling: "none", "linear" (positions / factor) or "yarn" (see model/rope.py)."""
+
+    type: str = "none"
+    factor: float = 1.0  # context extension factor s
+    original_max_seq_len: int = 4096  # context the unscaled frequencies were meant for (yarn)
+    beta_fast: float = 32.0  # yarn: rotations in the original context above which dims extrapolate
+    beta_slow: float = 1.0  # yarn: rotations below which dims interpolate fully
+    mscale: float = 1.0  # yarn: magnitude term mscale(s, mscale) on the cos/sin table ...
+    mscale_all_dim: float = 0.0  # ... divided by mscale(s, mscale_all_dim), which (if > 0) also
+    # multiplies the softmax scale squared (DeepSeek-V2)
+
+    def validate(self, prefix: str = "model.rope_scaling") -> None:
+        _require(self.type in ROPE_SCALINGS, f"{prefix}.type", f"must be one of {ROPE_SCALINGS}")
+        if self.type == "none":
+            _require(self == RopeScalingConfig(), prefix, "fields are set but type=none; set type=linear|yarn "
+                     "or drop them")
+            return
+        _require(self.factor >= 1.0, f"{prefix}.factor", f"must be >= 1 (got {self.factor})")
+        if self.type == "linear":
+            _require(
+                (self.original_max_seq_len, self.beta_fast, self.beta_slow, self.mscale, self.mscale_all_dim)
+                == (4096, 32.0, 1.0, 1.0, 0.0),
+                prefix, "original_max_seq_len/beta_*/mscale* only apply to type=yarn",
+            )
+            return
+        _require(self.original_max_seq_len >= 1, f"{prefix}.original_max_seq_len", "must be >= 1")
+        _require(self.beta_fast > self.beta_slow > 0, f"{prefix}.beta_fast",
+                 f"need beta_fast > beta_slow > 0 (got {self.beta_fast}, {self.beta_slow})")
+        _require(self.mscale >= 0 and self.mscale_all_dim >= 0, f"{prefix}.mscale", "must be >= 0")
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2): K and V come from one low-rank latent per token,
+    plus a rotary key shared by all heads; Q is optionally compressed too."""
+
+    q_lora_rank: int = 0  # 0: full-rank query projection (the authors' A3B); > 0: compressed query
+    kv_lora_rank: int = 512  # width of the compressed KV latent
+    qk_nope_head_dim: int = 128  # per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 64  # per-head query dims with RoPE (the key's is shared by all heads)
+    v_head_dim: int = 128
+    qk_norm: bool = True  # RMSNorm on the q and kv latents (megatron's --qk-layernorm with MLA)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self, prefix: str = "model.mla") -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _require(self.q_lora_rank >= 0, f"{prefix}.q_lora_rank", "must be >= 0 (0: no query compression)")
+        _require(self.qk_rope_head_dim % 2 == 0, f"{prefix}.qk_rope_head_dim", "must be even for RoPE")
+
+    def params(self, d_model: int, n_heads: int) -> int:
+        """Parameters of one MLA block (projections and latent norms)."""
+        q = (d_model * self.q_lora_rank + self.q_lora_rank * self.qk_norm
+             + self.q_lora_rank * n_heads * self.qk_head_dim) if self.q_lora_rank else d_model * n_heads * self.qk_head_dim
+        kv = d_model * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * self.qk_norm
+        kv += self.kv_lora_rank * n_heads * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + n_heads * self.v_head_dim * d_model
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder; `ffn_type=mohge` swaps the FFN of layers >= first_k_dense for MoHGE."""
 
@@ -198,6 +264,9 @@ class ModelConfig:
     ffn_type: str = "mohge"
     first_k_dense: int = 0
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: str = "gqa"  # "gqa" (grouped-query) | "mla" (multi-head latent, dims in `mla`)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # used only with attention=mla
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
 
     @property
     def head_dim(self) -> int:
@@ -234,9 +303,20 @@ class ModelConfig:
         _require(self.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
         if self.ffn_type == "mohge":
             self.moe.validate(self.d_model)
+        _require(self.attention in ATTENTIONS, "model.attention", f"must be one of {ATTENTIONS}")
+        if self.attention == "mla":
+            self.mla.validate()
+            _require(self.n_kv_heads == self.n_heads, "model.n_kv_heads",
+                     "MLA has one key/value per query head: set n_kv_heads = n_heads with attention=mla")
+        else:
+            _require(self.mla == MLAConfig(), "model.mla", "is set but model.attention=gqa; set "
+                     "model.attention=mla or drop the model.mla overrides")
+        self.rope_scaling.validate()
 
     # ---- parameter counts and FLOPs ---------------------------------------------------
     def _attention_params(self) -> int:
+        if self.attention == "mla":
+            return self.mla.params(self.d_model, self.n_heads)
         kv_dim = self.n_kv_heads * self.head_dim
         return self.d_model * self.d_model * 2 + self.d_model * kv_dim * 2
 
@@ -280,12 +360,24 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward = 3x forward).
 
         Matmuls count 2 FLOPs per multiply-add over the active non-embedding parameters plus the
-        output head, and causal attention adds 2 * 2 * seq_len/2 * d_model per layer (QK^T and AV).
+        output head, and causal attention adds 2 * seq_len/2 * attention_core_width() per layer
+        (QK^T and AV).
         """
         active = self.active_params_per_token(group_fractions)
         embed_in = self.vocab_size * self.d_model  # a lookup, not a matmul
         if self.tie_embeddings:
             active += self.vocab_size * self.d_model  # the tied head still multiplies
         matmul = 2 * (active - embed_in)
-        attention = self.n_layers * 2 * 2 * (seq_len / 2) * self.d_model
+        attention = self.n_layers * 2 * (seq_len / 2) * self.attention_core_width()
         return 3 * (matmul + attention)
+
+    def attention_core_width(self) -> int:
+        """Summed head dims of QK^T and AV: n_heads * (qk head dim + v head dim)."""
+        if self.attention == "mla":
+            return self.n_heads * (self.mla.qk_head_dim + self.mla.v_head_dim)
+        return 2 * self.d_model
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims RoPE rotates per head: the whole head (gqa) or qk_rope_head_dim (mla)."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim

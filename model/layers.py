@@ -1,4 +1,4 @@
-"""Dense building blocks: rotary embedding, grouped-query attention and the SwiGLU feed-forward.
+"""Dense building blocks: grouped-query attention and the SwiGLU feed-forward (RoPE: model/rope.py).
 
 Shape legend: B batch, S sequence, D model dim, H query heads, Hkv key/value heads, Dh head dim,
 F ffn width.
@@ -10,21 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """cos/sin table [S, Dh] for rotating query/key halves (the "rotate half" convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles_SDh2 = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat([angles_SDh2.cos(), angles_SDh2.sin()], dim=-1)
-
-
-def apply_rope(x_BSHDh: torch.Tensor, cache_SDh: torch.Tensor) -> torch.Tensor:
-    seq_len, half = x_BSHDh.shape[1], x_BSHDh.shape[-1] // 2
-    cos = cache_SDh[:seq_len, :half].view(1, seq_len, 1, half)
-    sin = cache_SDh[:seq_len, half:].view(1, seq_len, 1, half)
-    x1, x2 = x_BSHDh.float().chunk(2, dim=-1)
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return rotated.type_as(x_BSHDh)
+from mohge.model.attention import CausalSDPA
+from mohge.model.rope import apply_rope, rope_cache  # noqa: F401  (rope_cache: old import path)
 
 
 class Attention(nn.Module):
@@ -34,26 +21,23 @@ class Attention(nn.Module):
     plan that shards wq/wk/wv column-wise needs no change here.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, softmax_scale_factor: float = 1.0):
         super().__init__()
         self.head_dim = d_model // n_heads
+        self.softmax_scale = self.head_dim**-0.5 * softmax_scale_factor  # YaRN's temperature, if any
         self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.core: nn.Module = CausalSDPA()  # context parallel swaps in a whole-sequence one
 
     def forward(self, x_BSD: torch.Tensor, rope_SDh: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BSHDh = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
         k_BSHDh = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
         v_BSHDh = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        out_BHSDh = F.scaled_dot_product_attention(
-            q_BSHDh.transpose(1, 2),
-            k_BSHDh.transpose(1, 2),
-            v_BSHDh.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=q_BSHDh.shape[2] != k_BSHDh.shape[2],
-        )
+        out_BHSDh = self.core(q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2), v_BSHDh.transpose(1, 2),
+                              self.softmax_scale)
         return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.config import ModelConfig
-from mohge.model.layers import Attention, FeedForward, rope_cache
+from mohge.model.attention import MultiLatentAttention
+from mohge.model.layers import Attention, FeedForward
 from mohge.model.loss import chunked_linear_cross_entropy
+from mohge.model.rope import rope_cache, softmax_scale_factor
 from mohge.model.moe.layer import MoHGELayer
 
 
@@ -26,7 +28,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, expert_compute: str = "loop"):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads)
+        self.attention = build_attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.is_moe_layer(layer_id):
             self.ffn: nn.Module = MoHGELayer(cfg.d_model, cfg.moe, expert_compute)
@@ -55,13 +57,16 @@ class Transformer(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         )
         self.loss_chunk_tokens = 0  # > 0: forward(tokens, labels) returns the chunked loss
-        self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", _rope_table(cfg), persistent=False)
+        self.positions: torch.Tensor | None = None  # set by context parallel (parallel/context_parallel.py)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """With `labels` and `loss_chunk_tokens` set: the mean LM loss, logits never whole."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        # context parallel: this process holds the tokens at `positions` of each sequence
+        rope = self.rope if self.positions is None else self.rope[self.positions]
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, rope)
         if self.norm is None:  # a pipeline stage before the last returns hidden states
             return h
         h = self.norm(h)
@@ -74,7 +79,7 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Deterministic, layout-independent initial values (see the module docstring)."""
         device = next(self.parameters()).device
-        self.rope = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device=device)
+        self.rope = _rope_table(self.cfg, device)
         for module in self.modules():  # index tables left empty by to_empty()
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
@@ -92,6 +97,18 @@ class Transformer(nn.Module):
         when this process holds only a part (expert or tensor shards)."""
         return sum(module.full_numel(p) if hasattr(module, "full_numel") else math.prod(full_shape(module, p))
                    for _, module, p in _named_params_with_owner(self))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    """The block's attention: grouped-query (gqa) or multi-head latent (mla)."""
+    scale = softmax_scale_factor(cfg.rope_scaling)
+    if cfg.attention == "mla":
+        return MultiLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps, scale)
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, scale)
+
+
+def _rope_table(cfg: ModelConfig, device=None) -> torch.Tensor:
+    return rope_cache(cfg.max_seq_len, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
 
 
 def _named_params_with_owner(model: nn.Module):

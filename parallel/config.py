@@ -33,6 +33,7 @@ class ParallelConfig:
     activation_checkpoint: str = "none"
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
     timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
+    cp: int = 1  # context parallel: data-parallel ranks that split each sequence between them
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""

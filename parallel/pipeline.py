@@ -66,8 +66,10 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        m = self._model  # context parallel: the rope rows of this rank's positions
+        rope = m.rope if getattr(m, "positions", None) is None else m.rope[m.positions]
         for layer in self.layers:
-            h = layer(h, self._model.rope)
+            h = layer(h, rope)
         if self.norm is None:
             return h
         h = self.norm(h)

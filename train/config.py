@@ -89,6 +89,9 @@ class RunConfig:
             self.parallel = self.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
         self.model.validate()
         self.parallel.validate()
+        from mohge.parallel.context_parallel import validate_context_parallel
+
+        validate_context_parallel(self)
         p = self.parallel
         if p.pp > 1:
             n_micro = self.grad_accum_steps if self.train.global_batch_size % (
@@ -122,7 +125,7 @@ class RunConfig:
             )
         if t.micro_batch_size < 1:
             raise ConfigError("train.micro_batch_size: must be >= 1")
-        dp = self.parallel.dp_replicate * self.parallel.dp_shard
+        dp = self.parallel.dp_replicate * self.parallel.dp_shard // self.parallel.cp  # ranks reading distinct data
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
             fits = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * dp) == 0]
             hint = (f"e.g. train.micro_batch_size={fits[0]}" if fits else
@@ -221,5 +224,5 @@ class RunConfig:
 
     @property
     def grad_accum_steps(self) -> int:
-        dp = self.parallel.dp_replicate * self.parallel.dp_shard
+        dp = self.parallel.dp_replicate * self.parallel.dp_shard // self.parallel.cp  # ranks reading distinct data
         return self.train.global_batch_size // (self.train.micro_batch_size * dp)

@@ -100,6 +100,10 @@ def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.dev
     model = build_model(cfg.model, "meta", expert_compute=compute)
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     model = parallelize_model(model, ctx, cfg)
+    if cfg.parallel.cp > 1:
+        from mohge.parallel.context_parallel import apply_context_parallel, build_cp_group
+
+        apply_context_parallel(model, build_cp_group(ctx.dims, ctx.rank, cfg.parallel.cp), cfg.train.seq_len)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
     return model
@@ -120,11 +124,12 @@ def status_line(step: int, total: int, m: dict) -> str:
 
 def build_data_source(cfg: RunConfig, ctx: ParallelContext):
     """The configured token source, reading only this data-parallel rank's share."""
-    t = cfg.train
+    t, cp = cfg.train, cfg.parallel.cp  # the ranks of a cp group read the same sequences
     if cfg.data.source == "synthetic":
         from mohge.data.synthetic import SyntheticData
 
-        return SyntheticData(cfg.model.vocab_size, t.seq_len, t.micro_batch_size, t.seed, ctx.dp_rank, ctx.dims.dp)
+        return SyntheticData(cfg.model.vocab_size, t.seq_len, t.micro_batch_size, t.seed, ctx.dp_rank // cp,
+                             ctx.dims.dp // cp)
     from mohge.data.loader import build_data
 
     return build_data(
@@ -134,8 +139,8 @@ def build_data_source(cfg: RunConfig, ctx: ParallelContext):
         seed=t.seed,
         out_dir=cfg.out_dir,
         model_vocab_size=cfg.model.vocab_size,
-        dp_rank=ctx.dp_rank,
-        dp_size=ctx.dims.dp,
+        dp_rank=ctx.dp_rank // cp,
+        dp_size=ctx.dims.dp // cp,
         train_samples=t.steps * t.global_batch_size,
         valid_samples=max(t.eval_iters, 1) * t.global_batch_size if t.eval_every else 0,  # 0: no valid split
     )
@@ -156,6 +161,10 @@ class Trainer:
         self.amp = autocast_dtype(t.precision, self.device)
         self.n_micro = cfg.grad_accum_steps
         self.data = build_data_source(cfg, self.ctx)
+        if cfg.parallel.cp > 1:  # each rank of a cp group keeps its share of every sequence
+            from mohge.parallel.context_parallel import ContextParallelData
+
+            self.data = ContextParallelData(self.data, self.model.positions)
         self.step = 0
         self.result = TrainResult(steps=t.steps)
         self.bad_streak = 0
