@@ -51,6 +51,7 @@ setup(
         "te": ["transformer_engine[pytorch]"],
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
+        "hf": ["transformers>=5.0", "lm-eval>=0.4.8"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)
     },
     entry_points={
         "console_scripts": [

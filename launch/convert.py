@@ -137,12 +137,17 @@ def read_safetensors(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def to_dcp(input_dir: str, output: str) -> Path:
     config, state = read_safetensors(input_dir)
+    return write_dcp(config["model"], state, output)
+
+
+def write_dcp(model: dict, state: dict[str, torch.Tensor], output: str) -> Path:
+    """A weights-only step-0 checkpoint of `state` (experts joined) under run dir `output`."""
     target = step_dir(output, 0)
     target.mkdir(parents=True, exist_ok=True)
     with quiet_single_process():
         dcp.save(split_experts(state), checkpoint_id=str(target))
     meta = {"format_version": FORMAT_VERSION, "step": 0, "data": {"consumed_samples": 0},
-            "model": config["model"], "weights_only": True}
+            "model": model, "weights_only": True}
     (target / META).write_text(json.dumps(meta, indent=1))
     (checkpoint_root(output) / LATEST).write_text(target.name)
     assert is_complete(target)
@@ -160,9 +165,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     b = sub.add_parser("to-dcp", help="consolidated safetensors -> weights-only sharded checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
+    from mohge.launch.hf_export import HF_COMMANDS, add_hf_commands, run_hf_command
+
+    add_hf_commands(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-safetensors":
+        if args.command in HF_COMMANDS:
+            print(run_hf_command(args))
+        elif args.command == "to-safetensors":
             files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb)
             print(f"wrote {len(files)} file(s) and config.json to {args.output}")
         else:
