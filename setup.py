@@ -60,6 +60,7 @@ setup(
             "mohge-preprocess=mohge.data.preprocess:main",
             "mohge-train-tokenizer=mohge.data.train_tokenizer:main",
             "mohge-convert=mohge.launch.convert:main",
+            "mohge-eval=mohge.launch.eval_cli:main",
             "mohge-prepare-demo=mohge.data.embedded:main",
         ]
     },

@@ -96,13 +96,15 @@ def test_hf_generate_with_cache_is_token_identical(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_an_ep2_checkpoint_matches_the_trainer(tmp_path):
-    """A checkpoint saved by 2 expert-parallel processes exports to the same logits as the trainer
-    resuming it in one process."""
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2", "parallel.ep=2"], ["parallel.tp=2"]],
+                         ids=["fsdp2-ep2", "tp2"])
+def test_export_of_a_multi_process_checkpoint_matches_the_trainer(tmp_path, layout):
+    """A checkpoint saved by 2 processes (FSDP + expert parallel, or tensor parallel) exports to the
+    same logits as the trainer resuming it in one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOHGE_CPU": "1", "NPROC_PER_NODE": "2",
            "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "--config-name", "tiny_mohge", *COMMON,
-           "train.micro_batch_size=2", "train.global_batch_size=4", "parallel.ep=2", f"out_dir={tmp_path / 'run'}"]
+           "train.micro_batch_size=2", "train.global_batch_size=4", *layout, f"out_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _export(tmp_path / "run", tmp_path / "hf")
