@@ -145,7 +145,7 @@ def from_hf(input_dir: str, output: str) -> Path:
     return write_dcp(model, state, output)
 
 
-HF_COMMANDS = ("to-hf", "from-hf")
+HF_COMMANDS = ("to-hf", "from-hf", "import-hf")
 
 
 def add_hf_commands(sub) -> None:
@@ -159,6 +159,12 @@ def add_hf_commands(sub) -> None:
     b = sub.add_parser("from-hf", help="transformers folder from to-hf -> weights-only sharded checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
+    c = sub.add_parser("import-hf", help="open Mixtral/Qwen-MoE/Llama-style HF folder -> weights-only checkpoint")
+    c.add_argument("--input", required=True, help="a transformers save_pretrained folder (safetensors)")
+    c.add_argument("--output", required=True, help="run dir; writes its model config to DIR/model.yaml")
+    c.add_argument("--upcycle-experts", type=int, default=0, help="dense models: N experts copied from each FFN")
+    c.add_argument("--upcycle-top-k", type=int, default=2, help="experts per token of the upcycled model")
+    c.add_argument("--seed", type=int, default=0, help="seed of the upcycled routers' initial weights")
 
 
 def run_hf_command(args) -> str:
@@ -169,4 +175,14 @@ def run_hf_command(args) -> str:
     if args.command == "to-hf":
         out = to_hf(args.checkpoint, args.output, args.dtype, args.max_shard_gb, args.tokenizer)
         return f"wrote {out} (AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))"
+    if args.command == "import-hf":
+        from mohge.launch.hf_import import import_hf
+        from mohge.model.config import ConfigError
+
+        try:
+            target, model = import_hf(args.input, args.output, args.upcycle_experts, args.upcycle_top_k, args.seed)
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from err
+        return (f"wrote {target} ({model['ffn_type']}, {model['n_layers']} layers); resume it with the model "
+                f"config in {args.output}/model.yaml and checkpoint.resume={args.output}")
     return f"wrote {from_hf(args.input, args.output)}"
