@@ -32,7 +32,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"mohge.configs": ["*.yaml", "**/*.yaml"], "mohge.launch": ["*.sh", "*.sbatch"]},
+    package_data={"mohge.configs": ["*.yaml", "**/*.yaml"],
+                  "mohge.launch": ["*.sh", "*.sbatch", "lm_eval_tasks/*"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16,<0.20",
@@ -51,7 +52,7 @@ setup(
         "te": ["transformer_engine[pytorch]"],
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
-        "hf": ["transformers>=5.0", "lm-eval>=0.4.8"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)
+        "hf": ["transformers>=5.0", "lm-eval>=0.4.8", "accelerate"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)
     },
     entry_points={
         "console_scripts": [
