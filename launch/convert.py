@@ -2,6 +2,7 @@
 
     mohge-convert to-safetensors --checkpoint RUN_OR_STEP_DIR --output DIR [--dtype bf16] [--max-shard-gb N]
     mohge-convert to-dcp --input DIR --output RUN_DIR
+    mohge-convert to-hf | from-hf | import-hf ...   (transformers; launch/hf_export.py, launch/hf_import.py)
 
 `to-safetensors` needs no process group and no model code: it reads the checkpoint's metadata,
 loads every model tensor at full size, and joins per-expert entries back into [N, F, D] tensors.

@@ -42,7 +42,7 @@ def test_lm_eval_scores_the_export_with_its_own_loglikelihoods(tmp_path, monkeyp
     out = simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "hf"), "trust_remote_code": True,
                                                   "dtype": "float32"},
                           tasks=["kjv_cloze"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
-                          batch_size=4)
+                          batch_size=4, device="cpu")
     got = [[float(r[0]) for r in s["filtered_resps"]] for s in sorted(out["samples"]["kjv_cloze"], key=lambda s: s["doc_id"])]
 
     # reference: the export's own log-likelihood of each choice after its question
