@@ -13,37 +13,47 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from mohge.launch.convert import DTYPES, _checkpoint_dir, _shard, load_consolidated, write_dcp
-from mohge.model.config import ModelConfig, MoEConfig
+from mohge.model.config import ModelConfig
 from mohge.train.checkpoint import CheckpointError, read_meta
 
 HERE = Path(__file__).parent
 MODEL_FILES = ("modeling.py", "configuration_mohge.py", "modeling_mohge.py")
-# Fields the standalone module reads or that only matter to training; any other field (a later
-# attention or routing variant) must hold a neutral value, or the export is refused.
-KNOWN_MODEL = {f for f in ModelConfig.__dataclass_fields__} - {"moe"}
-KNOWN_MOE = {f for f in MoEConfig.__dataclass_fields__}
+# Fields the standalone module computes with, or that only matter to training. A field added
+# later (another attention or routing variant) passes only at its dataclass default or a neutral
+# value; anything else is refused until modeling.py learns it.
 EXPORTED_MODEL = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_size", "max_seq_len",
                   "rope_theta", "norm_eps", "tie_embeddings", "init_std", "ffn_type", "first_k_dense", "moe"}
+EXPORTED_MOE = {"groups", "k_group", "top_k", "topk_mode", "combine", "num_shared_experts", "shared_ffn_hidden_size",
+                "group_aux_coeff", "group_aux_start_fraction", "group_aux_width_interval", "intra_aux_coeff",
+                "z_loss_coeff", "router_init_std", "expert_compute", "allocation", "capacity_factor"}
 NEUTRAL = (None, False, 0, 0.0, "", "none", "mha", "gqa", "default")
+
+
+def _unmapped(config: dict, known: set[str], defaults: dict) -> Optional[tuple[str, object]]:
+    for key, value in config.items():
+        if key not in known and value not in NEUTRAL and not (key in defaults and value == defaults[key]):
+            return key, value
+    return None
 
 
 def check_exportable(model: dict, state: dict[str, torch.Tensor]) -> None:
     """Raises CheckpointError naming the first config field or tensor the HF export cannot map."""
     from mohge.launch.modeling import Decoder
 
-    for key, value in model.items():
-        if key not in EXPORTED_MODEL and key not in KNOWN_MODEL and value not in NEUTRAL:
-            raise CheckpointError(f"model.{key}={value!r}: the HF export does not map this field yet; "
-                                  "export with mohge-convert to-safetensors and the mohge model instead")
-    for key, value in (model.get("moe") or {}).items():
-        if key not in KNOWN_MOE and value not in NEUTRAL:
-            raise CheckpointError(f"model.moe.{key}={value!r}: the HF export does not map this field yet")
+    defaults = asdict(ModelConfig())
+    for prefix, config, known, default in (("model.", model, EXPORTED_MODEL, defaults),
+                                           ("model.moe.", model.get("moe") or {}, EXPORTED_MOE, defaults["moe"])):
+        bad = _unmapped(config, known, default)
+        if bad is not None:
+            raise CheckpointError(f"{prefix}{bad[0]}={bad[1]!r}: the HF export does not map this field yet; "
+                                  "teach launch/modeling.py first")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Decoder(model).state_dict().items()}
     for key, tensor in state.items():
