@@ -62,6 +62,7 @@ setup(
             "mohge-train-tokenizer=mohge.data.train_tokenizer:main",
             "mohge-convert=mohge.launch.convert:main",
             "mohge-eval=mohge.launch.eval_cli:main",
+            "mohge-lm-eval=mohge.launch.lm_eval_adapter:main",
             "mohge-prepare-demo=mohge.data.embedded:main",
         ]
     },

@@ -62,3 +62,16 @@ def test_lm_eval_scores_the_export_with_its_own_loglikelihoods(tmp_path, monkeyp
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-4)
     assert out["results"]["kjv_cloze"]["acc,none"] == pytest.approx(correct / len(items))
+
+    # the registered `mohge` model scores the DCP checkpoint directly, with the same numbers
+    from mohge.launch.lm_eval_adapter import register
+
+    register()
+    direct = simple_evaluate(model="mohge", model_args={"checkpoint": str(tmp_path / "run"),
+                                                        "tokenizer": str(tmp_path / "tok")},
+                             tasks=["kjv_cloze"], task_manager=TaskManager(include_path=str(tasks)), log_samples=True,
+                             batch_size=4)
+    again = [[float(r[0]) for r in s["filtered_resps"]]
+             for s in sorted(direct["samples"]["kjv_cloze"], key=lambda s: s["doc_id"])]
+    for g, w in zip(again, want):
+        assert g == pytest.approx(w, abs=1e-4)
