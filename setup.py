@@ -32,7 +32,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"mohge.configs": ["*.yaml", "**/*.yaml"], "mohge.launch": ["*.sh", "*.sbatch"]},
+    package_data={"mohge.configs": ["*.yaml", "**/*.yaml"],
+                  "mohge.launch": ["*.sh", "*.sbatch", "lm_eval_tasks/*"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16,<0.20",
@@ -51,6 +52,7 @@ setup(
         "te": ["transformer_engine[pytorch]"],
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
+        "hf": ["transformers>=5.0", "lm-eval>=0.4.8", "accelerate"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)
     },
     entry_points={
         "console_scripts": [
@@ -59,6 +61,8 @@ setup(
             "mohge-preprocess=mohge.data.preprocess:main",
             "mohge-train-tokenizer=mohge.data.train_tokenizer:main",
             "mohge-convert=mohge.launch.convert:main",
+            "mohge-eval=mohge.launch.eval_cli:main",
+            "mohge-lm-eval=mohge.launch.lm_eval_adapter:main",
             "mohge-prepare-demo=mohge.data.embedded:main",
         ]
     },

@@ -2,6 +2,7 @@
 
     mohge-convert to-safetensors --checkpoint RUN_OR_STEP_DIR --output DIR [--dtype bf16] [--max-shard-gb N]
     mohge-convert to-dcp --input DIR --output RUN_DIR
+    mohge-convert to-hf | from-hf | import-hf ...   (transformers; launch/hf_export.py, launch/hf_import.py)
 
 `to-safetensors` needs no process group and no model code: it reads the checkpoint's metadata,
 loads every model tensor at full size, and joins per-expert entries back into [N, F, D] tensors.
@@ -184,12 +185,17 @@ def read_safetensors(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def to_dcp(input_dir: str, output: str) -> Path:
     config, state = read_safetensors(input_dir)
+    return write_dcp(config["model"], state, output)
+
+
+def write_dcp(model: dict, state: dict[str, torch.Tensor], output: str) -> Path:
+    """A weights-only step-0 checkpoint of `state` (experts joined) under run dir `output`."""
     target = step_dir(output, 0)
     target.mkdir(parents=True, exist_ok=True)
     with quiet_single_process():
         dcp.save(split_experts(state), checkpoint_id=str(target))
     meta = {"format_version": FORMAT_VERSION, "step": 0, "data": {"consumed_samples": 0},
-            "model": config["model"], "weights_only": True}
+            "model": model, "weights_only": True}
     (target / META).write_text(json.dumps(meta, indent=1))
     (checkpoint_root(output) / LATEST).write_text(target.name)
     assert is_complete(target)
@@ -209,9 +215,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     b = sub.add_parser("to-dcp", help="consolidated safetensors -> weights-only sharded checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
+    from mohge.launch.hf_export import HF_COMMANDS, add_hf_commands, run_hf_command
+
+    add_hf_commands(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-safetensors":
+        if args.command in HF_COMMANDS:
+            print(run_hf_command(args))
+        elif args.command == "to-safetensors":
             files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb, args.tokenizer)
             print(f"wrote {len(files)} file(s) and config.json to {args.output}")
         else:

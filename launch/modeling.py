@@ -1,17 +1,23 @@
 """Standalone MoHGE inference model: torch + safetensors only, no mohge import.
 
 Loads the directory written by `mohge-convert to-safetensors` (config.json + model.safetensors or
-shards) and computes the same logits as the training model. Copy this one file anywhere.
+shards, or the transformers export of `mohge-convert to-hf`) and computes the same logits as the
+training model. Copy this one file anywhere. Generation keeps a KV cache (one new token per step),
+takes a batch of left-padded prompts, and decodes greedily or with temperature + top-p.
 
     from modeling import MoHGEForCausalLM
     model = MoHGEForCausalLM.from_pretrained("export/")
     logits = model(torch.tensor([[1, 2, 3]]))
+    out = model.generate(prompts_BS, max_new_tokens=20, attention_mask=mask_BS, temperature=0.8, top_p=0.9)
+
+Shape legend: B batch, S new tokens, Hkv key/value heads, Dh head dim, V vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 import math
+
 from pathlib import Path
 
 import torch
@@ -19,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _rope(seq_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def _rope_at(positions_BS: torch.Tensor, head_dim: int, theta: float, scaling: dict | None = None):
+    """cos, sin [B, S, 1, Dh/2] at integer positions; the same arithmetic as the training table
+    (RoPE scaling included: YaRN's magnitude multiplies cos and sin)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions_BS.device) / head_dim))
     inv, mag = _scale_frequencies(inv, head_dim, theta, scaling or {})
-    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
-    return torch.cat([ang.cos(), ang.sin()], dim=-1) * mag
+    ang = positions_BS.float().unsqueeze(-1) * inv
+    return (ang.cos() * mag).unsqueeze(2), (ang.sin() * mag).unsqueeze(2)
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -53,11 +61,30 @@ def _softmax_scale(c: dict, head_dim: int) -> float:
     return head_dim**-0.5
 
 
-def _apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    s, half = x.shape[1], x.shape[-1] // 2
-    cos, sin = cache[:s, :half].view(1, s, 1, half), cache[:s, half:].view(1, s, 1, half)
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer so far, [B, Hkv, S, Dh] each; the interface of transformers'
+    DynamicCache (update, get_seq_length), so the HF export passes its own cache through."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if len(self.keys) > layer_idx else 0
 
 
 class RMSNorm(nn.Module):
@@ -70,31 +97,41 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, layer_idx: int = 0):
         super().__init__()
-        self.hd = c["d_model"] // c["n_heads"]
+        self.hd, self.layer_idx = c["d_model"] // c["n_heads"], layer_idx
         self.wq = nn.Linear(c["d_model"], c["n_heads"] * self.hd, bias=False)
         self.wk = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wv = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wo = nn.Linear(c["n_heads"] * self.hd, c["d_model"], bias=False)
         self.scale = _softmax_scale(c, self.hd)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, mask=None, cache=None):
+        """mask: None (plain causal, no cache) or bool [B, 1, S, S_past + S], True where allowed."""
         b, s, _ = x.shape
-        q = _apply_rope(self.wq(x).view(b, s, -1, self.hd), rope).transpose(1, 2)
-        k = _apply_rope(self.wk(x).view(b, s, -1, self.hd), rope).transpose(1, 2)
+        q = _apply_rope(self.wq(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
+        k = _apply_rope(self.wk(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        return self.wo(_attend(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, s, -1))
+
+
+def _attend(q, k, v, mask, scale):
+    """SDPA over [B, H, S, *]: causal without a mask (no cache), else the given bool mask."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class MLAttention(nn.Module):
     """Multi-head latent attention (mohge.model.attention restated): K/V from a normed low-rank
     latent, a rotary key shared by all heads, optional low-rank query."""
 
-    def __init__(self, c):
+    def __init__(self, c, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         m, d, h = c["mla"], c["d_model"], c["n_heads"]
         self.m, qk = m, m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
         norm = lambda n: RMSNorm(n, c["norm_eps"]) if m["qk_norm"] else nn.Identity()  # noqa: E731
@@ -109,17 +146,19 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(h * m["v_head_dim"], d, bias=False)
         self.scale = _softmax_scale(c, qk)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, mask=None, cache=None):
         b, s, _ = x.shape
         m, n, r = self.m, self.m["qk_nope_head_dim"], self.m["qk_rope_head_dim"]
         q = self.wq_b(self.q_norm(self.wq_a(x))) if m["q_lora_rank"] else self.wq(x)
         q_nope, q_rope = q.view(b, s, -1, n + r).split([n, r], -1)
         latent, k_rope = self.wkv_a(x).split([m["kv_lora_rank"], r], -1)
         k_nope, v = self.wkv_b(self.kv_norm(latent)).view(b, s, -1, n + m["v_head_dim"]).split([n, m["v_head_dim"]], -1)
-        q = torch.cat([q_nope, _apply_rope(q_rope, rope)], -1).transpose(1, 2)
-        k_rope = _apply_rope(k_rope.unsqueeze(2), rope).expand(-1, -1, k_nope.shape[2], -1)
-        k = torch.cat([k_nope, k_rope], -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        q = torch.cat([q_nope, _apply_rope(q_rope, *rope)], -1).transpose(1, 2)
+        k_rope = _apply_rope(k_rope.unsqueeze(2), *rope).expand(-1, -1, k_nope.shape[2], -1)
+        k, v = torch.cat([k_nope, k_rope], -1).transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = _attend(q, k, v, mask, self.scale)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -203,17 +242,40 @@ class Block(nn.Module):
     def __init__(self, c, layer_id):
         super().__init__()
         self.attention_norm = RMSNorm(c["d_model"], c["norm_eps"])
-        self.attention = MLAttention(c) if c.get("attention", "gqa") == "mla" else Attention(c)
+        mla = c.get("attention", "gqa") == "mla"
+        self.attention = MLAttention(c, layer_id) if mla else Attention(c, layer_id)
         self.ffn_norm = RMSNorm(c["d_model"], c["norm_eps"])
         moe = c["ffn_type"] == "mohge" and layer_id >= c["first_k_dense"]
         self.ffn = MoHGE(c["d_model"], c["moe"]) if moe else SwiGLU(c["d_model"], c["ffn_hidden_size"])
 
-    def forward(self, x, rope):
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x, rope, mask=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
-class MoHGEForCausalLM(nn.Module):
+def read_config(directory) -> dict:
+    """The mohge model dict of an export: config.json's "model" (mohge-convert to-safetensors) or
+    "mohge" (the transformers export)."""
+    raw = json.loads((Path(directory) / "config.json").read_text())
+    return raw["mohge"] if "mohge" in raw else raw["model"]
+
+
+def read_state(directory) -> dict:
+    """Every tensor of an export, one file or shards; the HF export's "model." prefix removed."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(str(d / name)))
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+
+
+class Decoder(nn.Module):
+    """tokens [B, S] -> logits [B, S, V]; with `cache`, S new tokens after the cached ones."""
+
     def __init__(self, config: dict):
         super().__init__()
         c = self.config = config
@@ -221,45 +283,83 @@ class MoHGEForCausalLM(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(c, i) for i in range(c["n_layers"])})
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.output = None if c["tie_embeddings"] else nn.Linear(c["d_model"], c["vocab_size"], bias=False)
-        rope_dim = c["mla"]["qk_rope_head_dim"] if c.get("attention", "gqa") == "mla" else c["d_model"] // c["n_heads"]
-        self.register_buffer("rope", _rope(c["max_seq_len"], rope_dim, c["rope_theta"], c.get("rope_scaling")),
-                             persistent=False)
 
+    def forward(self, tokens, attention_mask=None, position_ids=None, cache=None):
+        """attention_mask [B, S_past + S]: 1 for real tokens, 0 for (left) padding. position_ids
+        [B, S]: by default real tokens are counted, so a left-padded prompt gets the positions it
+        has alone."""
+        b, s = tokens.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:past + s]
+            else:
+                position_ids = torch.arange(past, past + s, device=tokens.device).expand(b, s)
+        mask = None
+        if attention_mask is not None or past > 0:
+            key_pos = torch.arange(past + s, device=tokens.device).view(1, -1)
+            query_pos = torch.arange(past, past + s, device=tokens.device).view(-1, 1)
+            allowed = key_pos <= query_pos  # [S, S_past + S]
+            if attention_mask is not None:
+                real = attention_mask[:, :past + s].bool().view(b, 1, -1)
+                # a pad query sees itself only: no row is empty (an empty row would give NaN)
+                allowed = (allowed & real) | (key_pos == query_pos)
+            mask = allowed.view(-1, 1, s, past + s).expand(b, 1, s, past + s)
+        c = self.config
+        rope_dim = c["mla"]["qk_rope_head_dim"] if c.get("attention", "gqa") == "mla" else c["d_model"] // c["n_heads"]
+        rope = _rope_at(position_ids, rope_dim, c["rope_theta"], c.get("rope_scaling"))
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, rope, mask, cache)
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """[B, V] -> [B, 1]: argmax (temperature 0), else a draw from the top-p nucleus of softmax(l / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0.0  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+class MoHGEForCausalLM(Decoder):
     @classmethod
     def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32) -> "MoHGEForCausalLM":
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        config = json.loads((d / "config.json").read_text())["model"]
-        index = d / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-        state = {}
-        for name in files:
-            state.update(load_file(str(d / name)))
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model = cls(read_config(directory))
+        missing, unexpected = model.load_state_dict(read_state(directory), strict=False)
         if missing or unexpected:
             raise ValueError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.to(dtype).eval()
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, self.rope)
-        h = self.norm(h)
-        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+    def forward(self, tokens, attention_mask=None, position_ids=None, cache=None):
+        return super().forward(tokens, attention_mask, position_ids, cache)
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation; recomputes the prefix each step."""
-        for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.config["max_seq_len"]:])[:, -1].float()
-            if temperature > 0:
-                nxt = torch.multinomial((logits / temperature).softmax(-1), 1)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 attention_mask=None, eos_token_id=None, pad_token_id: int = 0, use_cache: bool = True,
+                 generator=None) -> torch.Tensor:
+        """Continues a batch of prompts [B, S] (left-padded, with attention_mask, when of unequal
+        length): greedy at temperature 0, else temperature + top-p sampling. With the KV cache each
+        step runs only the new token; use_cache=False recomputes the prefix (the reference).
+        Rows that emitted eos_token_id continue with pad_token_id."""
+        if tokens.shape[1] + max_new_tokens > self.config["max_seq_len"]:
+            raise ValueError(f"prompt {tokens.shape[1]} + max_new_tokens {max_new_tokens} tokens exceed "
+                             f"max_seq_len {self.config['max_seq_len']}; shorten the prompt or generate less")
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(tokens.device).long()
+        cache = KVCache() if use_cache else None
+        done = torch.zeros(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
+        logits = self(tokens, mask, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_p, generator).masked_fill(done, pad_token_id)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+            tokens, mask = torch.cat([tokens, nxt], dim=1), torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            if step + 1 < max_new_tokens:
+                logits = (self(nxt, mask, cache=cache) if use_cache else self(tokens, mask))[:, -1]
         return tokens
-
-

@@ -1,0 +1,112 @@
+"""mohge-convert import-hf: tiny random Mixtral / Qwen3-MoE / Llama models built with transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="HF import needs `pip install 'mohge[hf]'`")
+
+from mohge.launch.convert import load_consolidated, main as convert_main  # noqa: E402
+from mohge.launch.modeling import MoHGEForCausalLM  # noqa: E402
+from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig  # noqa: E402
+from mohge.model.transformer import build_model  # noqa: E402
+from mohge.train.checkpoint import find_latest, read_meta  # noqa: E402
+
+SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def _hf(kind: str, **extra):
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**SMALL, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                         **extra)
+        return transformers.MixtralForCausalLM(cfg)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**SMALL, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                                          num_experts_per_tok=3, norm_topk_prob=True, head_dim=8, **extra)
+        return transformers.Qwen3MoeForCausalLM(cfg)
+    cfg = transformers.LlamaConfig(**SMALL, intermediate_size=40, **extra)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _training_model(run_dir) -> torch.nn.Module:
+    """The trainer's Transformer with the imported weights."""
+    m = read_meta(find_latest(str(run_dir)))["model"]
+    moe = MoEConfig(**{**m["moe"], "groups": [ExpertGroupConfig(**g) for g in m["moe"]["groups"]]})
+    model = build_model(ModelConfig(**{**m, "moe": moe}), device="cpu")
+    model.init_weights(0)
+    model.load_state_dict(load_consolidated(find_latest(str(run_dir))), strict=True)
+    return model.eval()
+
+
+def _save(model, path):
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "llama"])
+def test_imported_model_has_the_hf_logits(kind, tmp_path):
+    hf = _hf(kind).eval()
+    _save(hf, tmp_path / "hf")
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 0
+    tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = _training_model(tmp_path / "run")(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "run" / "model.yaml").is_file()
+    meta = read_meta(find_latest(str(tmp_path / "run")))["model"]
+    assert meta["ffn_type"] == ("mohge" if kind == "mixtral" else "dense")
+
+
+def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
+    hf = _hf("llama").eval()
+    _save(hf, tmp_path / "hf")
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run"),
+                         "--upcycle-experts", "4", "--upcycle-top-k", "2"]) == 0
+    model = _training_model(tmp_path / "run")
+    w1 = model.layers["0"].ffn.experts.groups[0].w1
+    assert w1.shape == (4, 40, 32) and torch.equal(w1[0], w1[3])
+    tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_moe_with_qk_norm_is_refused_by_name(tmp_path, capsys):
+    """Qwen3-MoE's q/k RMSNorm has no mohge counterpart (head_dim = hidden/heads here, so it is the
+    first thing that does not map)."""
+    _save(_hf("qwen3_moe"), tmp_path / "hf")
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 2
+    assert "self_attn.k_norm.weight: no mohge counterpart" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("attention_bias", True, "attention_bias=True"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_type='yarn'"),
+    ("model_type", "gpt2", "model_type='gpt2'"),
+])
+def test_unmappable_config_fields_are_refused(tmp_path, capsys, field, value, message):
+    _save(_hf("mixtral"), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_imported_checkpoint_runs_in_the_standalone_module(tmp_path):
+    """Import -> export through to-safetensors keeps the HF model's greedy continuation."""
+    hf = _hf("mixtral").eval()
+    _save(hf, tmp_path / "hf")
+    convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")])
+    convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "st")])
+    model = MoHGEForCausalLM.from_pretrained(str(tmp_path / "st"))
+    prompt = torch.tensor([[3, 50, 7, 91, 12]])
+    ours = model.generate(prompt, 8)
+    theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
