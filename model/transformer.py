@@ -18,6 +18,7 @@ from torch import nn
 
 from mohge.model.config import ModelConfig
 from mohge.model.layers import Attention, FeedForward, rope_cache
+from mohge.model.moe.balance import init_balance_buffers
 from mohge.model.moe.layer import MoHGELayer
 
 
@@ -74,6 +75,7 @@ class Transformer(nn.Module):
                 rows = getattr(module, "expert_rows", None)
                 full = initial_value(name, full_shape(module, param), self.cfg, seed)
                 copy_local(param, full if rows is None else full[rows])
+        init_balance_buffers(self)
 
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
@@ -100,6 +102,8 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     std = cfg.init_std
+    if ".router." in name:
+        std = cfg.moe.router_init_std
     if name.endswith(("attention.wo.weight", ".w2.weight", ".w2")):
         std = std / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, as GPT-2 / Megatron
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

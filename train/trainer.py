@@ -25,6 +25,8 @@ from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
+from mohge.model.moe.balance import balance_metrics
+from mohge.train.balancing import BalanceHook
 from mohge.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.metrics import MetricsLogger
@@ -127,13 +129,14 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
             "expert_load": [float(c) / slots for c in tokens_per_expert],
             **{k: stats[k] for k in totals},
         }
+        entry.update(balance_metrics(layer))  # the last step's global batch; bias ranges
         if layer.cfg.capacity_factor is not None:
             entry["dropped_fraction"] = dropped / (dropped + slots)
         placement = getattr(layer, "placement", None)
         if placement is not None:
             from mohge.parallel.allocation import flop_imbalance
 
-            d_model = layer.router.group_gate.weight.shape[-1]
+            d_model = next(layer.router.parameters()).shape[-1]
             entry["ep_rank_tokens"] = [
                 float(sum(tokens_per_expert[e] for e in placement.local_experts(r))) for r in range(placement.ep_size)
             ]
@@ -216,6 +219,7 @@ class Trainer:
         self.checkpoint_group = (dist.new_group(backend="gloo")
                                  if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
+        self.balance_hook = BalanceHook(self.model, self.ctx)
         resume = resolve_resume(cfg.checkpoint.resume, cfg.out_dir)
         if resume is not None:
             meta = load_checkpoint(resume, self.model, self.optimizer, cfg)
@@ -327,6 +331,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         loss = self.forward_backward()
         grad_norm = self.optimizer_step()
+        self.balance_hook.after_step()  # global counts -> global-batch loss slots, selection bias
         if self.ctx.distributed and self.ctx.dims.dp > 1:
             reduced = torch.tensor(loss, dtype=torch.float64, device=self.device)
             dist.all_reduce(reduced, group=self.ctx.group("dp"))
