@@ -49,6 +49,7 @@ setup(
         "wandb": ["wandb"],
         "torchao": ["torchao"],
         "te": ["transformer_engine[pytorch]"],
+        "plot": ["matplotlib"],  # bench/ plots (bench_balancing, plot_metrics)
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
     },

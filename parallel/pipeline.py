@@ -90,6 +90,21 @@ def build_stages(model: nn.Module, specs: list[tuple[int, range, bool, bool]]) -
     return [StageModule(model, index, layers, first, last) for index, layers, first, last in specs]
 
 
+def _stage_class():
+    """PipelineStage whose shape-inference forward (run once on the first step, with a backward
+    for grad shapes, through `_compute_outputs`) records no routing statistics or balance counts."""
+    from torch.distributed import pipelining
+
+    from mohge.model.moe.layer import recording_suspended
+
+    class Stage(pipelining.PipelineStage):
+        def _compute_outputs(self, *args, module, **kwargs):
+            with recording_suspended(module):
+                return super()._compute_outputs(*args, module=module, **kwargs)
+
+    return Stage
+
+
 class Pipeline:
     """The schedule over this rank's stages; `step` runs one optimizer step's micro-batches."""
 
@@ -98,7 +113,7 @@ class Pipeline:
 
         self.group, self.device = group, device
         num_stages = pp * len(stages)
-        pipeline_stages = [pipelining.PipelineStage(m, m.index, num_stages, device, group=group) for m in stages]
+        pipeline_stages = [_stage_class()(m, m.index, num_stages, device, group=group) for m in stages]
         self.has_first = any(m.first for m in stages)
         self.has_last = any(m.last for m in stages)
         cls = getattr(pipelining, SCHEDULES[schedule])

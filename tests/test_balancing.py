@@ -270,3 +270,12 @@ def test_flat_router_config_errors():
         make_moe(top_p=0.5).validate(D)
     with pytest.raises(ConfigError, match="router_entropy_coeff"):
         make_moe(router="flat", k_group=1, group_aux_coeff=0.0, router_entropy_coeff=0.1).validate(D)
+
+
+@pytest.mark.parametrize("preset", ["balance_moe", "balance_mohge", "balance_hmoe"])
+def test_comparison_presets_compose_and_validate(preset):
+    from mohge.train.hydra_config import compose_config
+
+    cfg = compose_config(preset)
+    cfg.validate()
+    assert cfg.train.global_batch_size * cfg.train.seq_len * cfg.train.steps == 16 * 64 * 160  # same budget

@@ -113,7 +113,8 @@ class MoHGELayer(nn.Module):
 
         losses = self.aux_losses(routing, B)
         self.stats.record(routing, losses, keep_TK)
-        if self.training and self.stats.recording:
+        # Training forwards only: not recomputes, eval, or the pipeline's shape inference (no_grad).
+        if self.training and self.stats.recording and torch.is_grad_enabled() and not x_BSD.is_meta:
             self.balance.record(routing.expert_idx_TK, routing.group_mask_TG, routing.keep_TK)
         if self.training:
             out_TD = attach_aux_loss(out_TD, self.weighted_aux_loss(losses))
