@@ -35,9 +35,12 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, out: Path, steps: int | None) -> dict:
+def run_variant(name: str, out: Path, steps: int | None, reuse: bool = False) -> dict:
     preset, overrides = VARIANTS[name]
     run_dir = out / name
+    if reuse:  # summarise a finished run (e.g. after an interrupted bench); no wall time
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return summarise(name, preset, overrides, lines, float("nan"))
     if (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
     cmd = [sys.executable, "-m", "mohge.train.cli", "--config-name", preset, f"out_dir={run_dir}",
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench_balancing", help="run directories, JSON and plot go here")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (same for every variant)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--reuse", action="store_true", help="summarise the runs already in OUT, train nothing")
     parser.add_argument("--plot", default=None, help="plot path (default OUT/load_over_steps.png)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        rows.append(run_variant(name, out, args.steps))
+        rows.append(run_variant(name, out, args.steps, args.reuse))
         print(f"done {name}: val {rows[-1]['val_loss']} in {rows[-1]['wall_s']:.0f}s", flush=True)
     print_table(rows)
     (out / "bench_balancing.json").write_text(json.dumps(rows, indent=1))

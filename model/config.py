@@ -219,6 +219,8 @@ class MoEConfig:
                      "(the parameter-penalty loss is weighted by intra_aux_coeff); set group_aux_coeff=0")
             if self.top_p is not None:
                 _require(0 < self.top_p <= 1, f"{prefix}.top_p", "must lie in (0, 1]")
+                _require(self.capacity_factor is None, f"{prefix}.capacity_factor",
+                         "top-p routing is dropless here; set capacity_factor=null or top_p=null")
         else:
             _require(self.top_p is None, f"{prefix}.top_p", "top-p routing needs router=flat; set top_p=null")
         if self.router_entropy_coeff > 0:

@@ -268,6 +268,8 @@ def test_flat_router_config_errors():
         make_moe(router="flat", k_group=1).validate(D)
     with pytest.raises(ConfigError, match="top_p"):
         make_moe(top_p=0.5).validate(D)
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        make_moe(router="flat", k_group=1, group_aux_coeff=0.0, top_p=0.5, capacity_factor=1.0).validate(D)
     with pytest.raises(ConfigError, match="router_entropy_coeff"):
         make_moe(router="flat", k_group=1, group_aux_coeff=0.0, router_entropy_coeff=0.1).validate(D)
 
