@@ -35,7 +35,7 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, out: Path, steps: int | None, reuse: bool = False) -> dict:
+def run_variant(name: str, out: Path, steps: int | None, reuse: bool = False, seed: int | None = None) -> dict:
     preset, overrides = VARIANTS[name]
     run_dir = out / name
     if reuse:  # summarise a finished run (e.g. after an interrupted bench); no wall time
@@ -47,6 +47,8 @@ def run_variant(name: str, out: Path, steps: int | None, reuse: bool = False) ->
            "logging.progress=false", "checkpoint.save_final=false", *overrides]
     if steps:
         cmd += [f"train.steps={steps}", f"train.eval_every={steps}"]
+    if seed is not None:
+        cmd += [f"train.seed={seed}"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -106,7 +108,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         steps, load = zip(*r["load_curve"])
         ax.plot(steps, load, label=r["variant"], linestyle="--" if r["variant"].startswith("moe") else "-")
     ax.set_xlabel("step")
-    ax.set_ylabel("max / mean expert load (global batch, mean over layers)")
+    ax.set_ylabel("max / mean expert load")
+    ax.set_title("expert load over the global batch (mean over MoE layers)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench_balancing", help="run directories, JSON and plot go here")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (same for every variant)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed for every variant (default: the preset's, 1234)")
     parser.add_argument("--reuse", action="store_true", help="summarise the runs already in OUT, train nothing")
     parser.add_argument("--plot", default=None, help="plot path (default OUT/load_over_steps.png)")
     args = parser.parse_args(argv)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        rows.append(run_variant(name, out, args.steps, args.reuse))
+        rows.append(run_variant(name, out, args.steps, args.reuse, args.seed))
         print(f"done {name}: val {rows[-1]['val_loss']} in {rows[-1]['wall_s']:.0f}s", flush=True)
     print_table(rows)
     (out / "bench_balancing.json").write_text(json.dumps(rows, indent=1))
