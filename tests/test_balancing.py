@@ -84,12 +84,12 @@ def test_router_init_std_is_used():
     from mohge.train.hydra_config import compose_config
     from mohge.model.transformer import build_model
 
-    cfg = compose_config("tiny_mohge", ["model.moe.router_init_std=0.5", "model.d_model=64", "model.n_heads=4"])
+    cfg = compose_config("tiny_mohge", ["model.moe.router_init_std=0.5"])
     model = build_model(cfg.model, "meta")
     model.to_empty(device="cpu")
     model.init_weights(0)
     gate = model.layers["0"].ffn.router.expert_gate.weight
-    assert gate.std().item() == pytest.approx(0.5, rel=0.1)
+    assert gate.std().item() == pytest.approx(0.5, rel=0.15)  # 12 x 32 draws
     assert model.layers["0"].attention.wq.weight.std().item() == pytest.approx(cfg.model.init_std, rel=0.1)
     with pytest.raises(ConfigError, match="router_init_std"):
         make_moe(router_init_std=0.0).validate(D)
@@ -281,3 +281,24 @@ def test_comparison_presets_compose_and_validate(preset):
     cfg = compose_config(preset)
     cfg.validate()
     assert cfg.train.global_batch_size * cfg.train.seq_len * cfg.train.steps == 16 * 64 * 160  # same budget
+
+
+def test_balance_buffers_are_checkpoint_entries_only_when_on():
+    from mohge.model.transformer import build_model
+    from mohge.train.checkpoint import model_entries
+    from mohge.train.hydra_config import compose_config
+
+    names = ("expert_bias", "group_bias", "global_expert_slots", "global_group_slots")
+    default = build_model(compose_config("tiny_mohge").model, "meta")
+    assert not [k for k in model_entries(default) if k.endswith(names)]  # default checkpoints unchanged
+    cfg = compose_config("tiny_mohge", ["model.moe.balance_scope=global_batch", "model.moe.bias_update_rate=0.01",
+                                        "model.moe.group_bias_update_rate=0.01"])
+    model = build_model(cfg.model, "meta")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    entries = model_entries(model)
+    for layer in ("0", "1"):
+        assert entries[f"layers.{layer}.ffn.router.expert_bias"].abs().sum() == 0
+        assert entries[f"layers.{layer}.ffn.router.group_bias"].shape == (3,)
+        torch.testing.assert_close(entries[f"layers.{layer}.ffn.global_expert_slots"], torch.full((12,), 3 / 12))
+        torch.testing.assert_close(entries[f"layers.{layer}.ffn.global_group_slots"], torch.full((3,), 2 / 3))
