@@ -91,3 +91,12 @@ def test_global_bias_resume_under_another_layout(tmp_path, references):
     lines = _run(tmp_path, 1, *GLOBAL_BIAS, "checkpoint.resume=auto")
     assert [l["loss"] for l in lines] == pytest.approx([l["loss"] for l in reference], rel=1e-5)
     _assert_same_weights(tmp_path, ref_dir)
+
+
+@pytest.mark.slow
+def test_global_bias_with_activation_checkpointing(tmp_path, references):
+    """Recomputed forwards count nothing: same losses, loads, biases and weights as without."""
+    ref_dir, reference = references("global-bias")
+    lines = _run(tmp_path, 1, *GLOBAL_BIAS, "parallel.activation_checkpoint=full")
+    _compare(lines, reference)
+    _assert_same_weights(tmp_path, ref_dir)
