@@ -50,6 +50,7 @@ setup(
         "wandb": ["wandb"],
         "torchao": ["torchao"],
         "te": ["transformer_engine[pytorch]"],
+        "plot": ["matplotlib"],  # bench/ plots (bench_balancing, plot_metrics)
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
         "hf": ["transformers>=5.0", "lm-eval>=0.4.8", "accelerate"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)

@@ -18,6 +18,8 @@ ALLOCATIONS = ("all_size", "group_coupled")
 FFN_TYPES = ("dense", "mohge")
 ATTENTIONS = ("gqa", "mla")
 ROPE_SCALINGS = ("none", "linear", "yarn")
+BALANCE_SCOPES = ("micro_batch", "global_batch", "sequence")
+ROUTERS = ("group", "flat")
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
@@ -52,10 +54,19 @@ class MoEConfig:
     group_aux_width_interval: float = 1024.0  # D in w_g = (W_g - W_min + D) / D
     intra_aux_coeff: float = 4e-3  # a_I of the intra-group experts auxiliary loss
     z_loss_coeff: float = 0.0  # router z-loss on the expert logits
-    router_init_std: float = 0.02
+    router_init_std: float = 0.02  # std of the router weights' normal init (group and expert gates)
     expert_compute: str = "auto"  # "loop" (reference), "grouped" (permute + one GEMM per group), "auto"
     allocation: str = "all_size"  # expert placement over EP ranks: "all_size" | "group_coupled"
     capacity_factor: Optional[float] = None  # None: dropless
+    # Where the balance losses count routed slots: "micro_batch" (each forward's own tokens),
+    # "global_batch" (the previous optimizer step's whole global batch, see docs/balancing.md),
+    # "sequence" (each sequence on its own, DeepSeek-V3's sequence-wise loss).
+    balance_scope: str = "micro_batch"
+    bias_update_rate: float = 0.0  # aux-loss-free per-expert selection bias step (0 = off)
+    group_bias_update_rate: float = 0.0  # aux-loss-free per-group selection bias step (0 = off)
+    router: str = "group"  # "group": MoHGE two-level routing; "flat": HMoE, one softmax over all experts
+    top_p: Optional[float] = None  # router=flat: HMoE top-p threshold (top_k caps experts per token)
+    router_entropy_coeff: float = 0.0  # router=flat with top_p: weight of the router-entropy loss
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -141,7 +152,9 @@ class MoEConfig:
         _require(self.allocation in ALLOCATIONS, f"{prefix}.allocation", f"must be one of {ALLOCATIONS}")
         _require(self.top_k >= 1, f"{prefix}.top_k", "must be >= 1")
         smallest_kept = sum(sorted(g.num_experts for g in self.groups)[: self.k_group])
-        if self.topk_mode == "global":
+        if self.router == "flat":
+            _require(self.top_k <= self.num_experts, f"{prefix}.top_k", f"must be <= {self.num_experts} experts")
+        elif self.topk_mode == "global":
             _require(
                 self.top_k <= smallest_kept,
                 f"{prefix}.top_k",
@@ -180,6 +193,39 @@ class MoEConfig:
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         if self.capacity_factor is not None:
             _require(self.capacity_factor > 0, f"{prefix}.capacity_factor", "must be > 0 or null (dropless)")
+        self._validate_balance(prefix)
+
+    def _validate_balance(self, prefix: str) -> None:
+        """Balance scope, aux-loss-free bias and the HMoE flat router (docs/balancing.md)."""
+        _require(self.router_init_std > 0, f"{prefix}.router_init_std", "must be > 0")
+        _require(self.balance_scope in BALANCE_SCOPES, f"{prefix}.balance_scope", f"must be one of {BALANCE_SCOPES}")
+        _require(self.router in ROUTERS, f"{prefix}.router", f"must be one of {ROUTERS}")
+        for name in ("bias_update_rate", "group_bias_update_rate", "router_entropy_coeff"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        if self.group_bias_update_rate > 0:
+            _require(
+                self.router == "group" and self.k_group < self.num_groups,
+                f"{prefix}.group_bias_update_rate",
+                "steers group selection, which only happens with router=group and k_group < number of groups; "
+                "set it to 0",
+            )
+        if self.router == "flat":
+            _require(self.k_group == 1, f"{prefix}.k_group", "router=flat selects no groups; leave k_group at 1")
+            _require(self.topk_mode == "global", f"{prefix}.topk_mode", "router=flat takes the global top_k; "
+                     "leave topk_mode=global")
+            _require(self.combine == "renormalize", f"{prefix}.combine", "router=flat renormalises the selected "
+                     "softmax probabilities (the same as a softmax over their logits); leave combine=renormalize")
+            _require(self.group_aux_coeff == 0, f"{prefix}.group_aux_coeff", "router=flat has no group-wise loss "
+                     "(the parameter-penalty loss is weighted by intra_aux_coeff); set group_aux_coeff=0")
+            if self.top_p is not None:
+                _require(0 < self.top_p <= 1, f"{prefix}.top_p", "must lie in (0, 1]")
+                _require(self.capacity_factor is None, f"{prefix}.capacity_factor",
+                         "top-p routing is dropless here; set capacity_factor=null or top_p=null")
+        else:
+            _require(self.top_p is None, f"{prefix}.top_p", "top-p routing needs router=flat; set top_p=null")
+        if self.router_entropy_coeff > 0:
+            _require(self.router == "flat" and self.top_p is not None, f"{prefix}.router_entropy_coeff",
+                     "the router-entropy loss is HMoE's top-p companion; needs router=flat and top_p")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from mohge.model.attention import MultiLatentAttention
 from mohge.model.layers import Attention, FeedForward
 from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.rope import rope_cache, softmax_scale_factor
+from mohge.model.moe.balance import init_balance_buffers
 from mohge.model.moe.layer import MoHGELayer
 
 
@@ -91,6 +92,7 @@ class Transformer(nn.Module):
                 rows = getattr(module, "expert_rows", None)
                 full = initial_value(name, full_shape(module, param), self.cfg, seed)
                 copy_local(param, full if rows is None else full[rows])
+        init_balance_buffers(self)
 
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
@@ -130,6 +132,8 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     std = cfg.init_std
+    if ".router." in name:
+        std = cfg.moe.router_init_std
     if name.endswith(("attention.wo.weight", ".w2.weight", ".w2")):
         std = std / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, as GPT-2 / Megatron
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -93,6 +93,10 @@ def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     entries: dict[str, torch.Tensor] = {}
     for name, module, _, param in _owners(model):
         entries.update(split_entry(name, module, param.data))
+    for mod_name, module in model.named_modules():  # persistent buffers (e.g. the MoE selection bias)
+        for b_name, buf in module.named_buffers(recurse=False):
+            if buf is not None and b_name not in module._non_persistent_buffers_set:
+                entries[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
     return entries
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from mohge.model.moe.layer import moe_layers
 from mohge.parallel.parallelize import ParallelContext
+from mohge.model.moe.balance import balance_metrics
 
 
 def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
@@ -40,13 +41,14 @@ def collect_moe_metrics(model: nn.Module, ctx: ParallelContext) -> dict:
             "expert_load": [float(c) / slots for c in tokens_per_expert],
             **{k: stats[k] for k in totals},
         }
+        entry.update(balance_metrics(layer))  # the last step's global batch; bias ranges
         if layer.cfg.capacity_factor is not None:
             entry["dropped_fraction"] = dropped / (dropped + slots)
         placement = getattr(layer, "placement", None)
         if placement is not None:
             from mohge.parallel.allocation import flop_imbalance
 
-            d_model = layer.router.group_gate.weight.shape[-1]
+            d_model = next(layer.router.parameters()).shape[-1]
             entry["ep_rank_tokens"] = [
                 float(sum(tokens_per_expert[e] for e in placement.local_experts(r))) for r in range(placement.ep_size)
             ]

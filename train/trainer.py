@@ -26,6 +26,7 @@ from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.reduce import reduce_scalars
 from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
+from mohge.train.balancing import BalanceHook
 from mohge.train.checkpoint import resume_checkpoint, save_checkpoint
 from mohge.train.config import RunConfig
 from mohge.train.errors import ConfigError
@@ -173,6 +174,7 @@ class Trainer:
         self.checkpoint_group = (dist.new_group(backend="gloo", timeout=collective_timeout(cfg.parallel.timeout_s))
                                  if cfg.checkpoint.async_save and self.ctx.distributed else None)
         self.group_aux_start = int(cfg.model.moe.group_aux_start_fraction * t.steps)
+        self.balance_hook = BalanceHook(self.model, self.ctx)
         resume, meta = resume_checkpoint(cfg.checkpoint.resume, cfg.out_dir, self.model, self.optimizer, cfg,
                                          verify=cfg.checkpoint.verify, log=self._print)
         if resume is not None:
@@ -293,6 +295,7 @@ class Trainer:
         if report:
             self._print(report)
         grad_norm = self.optimizer_step(skip)
+        self.balance_hook.after_step()  # global counts -> global-batch loss slots, selection bias
         self.step += 1
         return loss, grad_norm, lr
 

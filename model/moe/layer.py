@@ -16,6 +16,7 @@ from mohge.model.layers import FeedForward
 from mohge.model.moe.dispatch import LocalDispatcher, count_per_expert
 from mohge.model.moe.experts import build_experts
 from mohge.model.moe.losses import attach_aux_loss, group_aux_loss, intra_group_aux_loss, router_z_loss
+from mohge.model.moe.balance import attach_balance
 from mohge.model.moe.router import GroupRouter, Routing, capacity_keep
 
 
@@ -84,7 +85,7 @@ class MoHGELayer(nn.Module):
     def __init__(self, d_model: int, moe: MoEConfig, expert_compute: str = "loop"):
         super().__init__()
         self.cfg = moe
-        self.router = GroupRouter(d_model, moe)
+        self.router = make_router(d_model, moe)
         self.experts = build_experts(d_model, moe.groups, expert_compute)
         self.shared = (
             FeedForward(d_model, moe.shared_ffn_hidden_size * moe.num_shared_experts)
@@ -94,15 +95,17 @@ class MoHGELayer(nn.Module):
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.group_aux_active = moe.group_aux_start_fraction == 0.0
         self.stats = RoutingStats(moe.num_experts)
+        attach_balance(self, moe)  # step counts, global-batch slots (mohge.model.moe.balance)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
-        keep_TK, weights_TK = None, routing.weights_TK
+        keep_TK, weights_TK = routing.keep_TK, routing.weights_TK  # top-p routing leaves some slots unused
         if self.cfg.capacity_factor is not None:
             # Dropped slots are still computed (static shapes, no sync) but weighted 0.
             keep_TK = capacity_keep(routing.expert_idx_TK, self.cfg.num_experts, self.cfg.capacity_factor)
+        if keep_TK is not None:
             weights_TK = weights_TK * keep_TK
 
         x_disp, tokens_per_expert, handle = self.dispatcher.dispatch(x_TD, routing.expert_idx_TK)
@@ -112,24 +115,33 @@ class MoHGELayer(nn.Module):
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
 
-        losses = self.aux_losses(routing)
+        losses = self.aux_losses(routing, B)
         self.stats.record(routing, losses, keep_TK)
+        # Training forwards only: not recomputes, eval, or the pipeline's shape inference (no_grad).
+        if self.training and self.stats.recording and torch.is_grad_enabled() and not x_BSD.is_meta:
+            self.balance.record(routing.expert_idx_TK, routing.group_mask_TG, routing.keep_TK)
         if self.training:
             out_TD = attach_aux_loss(out_TD, self.weighted_aux_loss(losses))
         return out_TD.view(B, S, D)
 
-    def aux_losses(self, routing: Routing) -> dict[str, torch.Tensor]:
-        """Unweighted auxiliary losses of this forward."""
+    def aux_losses(self, routing: Routing, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary losses of this forward (`batch_size` sequences, for the sequence scope)."""
         cfg = self.cfg
+        if hasattr(self.router, "aux_losses"):  # a router with its own losses (router=flat: HMoE)
+            return self.router.aux_losses(routing, self, batch_size)
+        scope = dict(scope=cfg.balance_scope, batch_size=batch_size)
         return {
             "group_aux_loss": group_aux_loss(
                 routing.group_logits_TG,
                 routing.group_mask_TG,
                 torch.tensor(cfg.width_weights(), device=routing.group_logits_TG.device),
                 cfg.k_group,
+                global_slots_G=self.global_group_slots,
+                **scope,
             ),
             "intra_group_aux_loss": intra_group_aux_loss(
-                routing.aux_scores_TE, routing.expert_idx_TK, cfg.num_groups, cfg.k_group
+                routing.aux_scores_TE, routing.expert_idx_TK, cfg.num_groups, cfg.k_group,
+                global_slots_E=self.global_expert_slots, **scope,
             ),
             "z_loss": router_z_loss(routing.expert_logits_TE, cfg.group_offsets()),
         }
@@ -141,7 +153,17 @@ class MoHGELayer(nn.Module):
             group_coeff * losses["group_aux_loss"]
             + cfg.intra_aux_coeff * losses["intra_group_aux_loss"]
             + cfg.z_loss_coeff * losses["z_loss"]
+            + (cfg.router_entropy_coeff * losses["router_entropy"] if "router_entropy" in losses else 0.0)
         )
+
+
+def make_router(d_model: int, moe: MoEConfig) -> nn.Module:
+    """`model.moe.router`: "group" (MoHGE two-level routing) or "flat" (HMoE, mohge.model.moe.flat_router)."""
+    if moe.router == "flat":
+        from mohge.model.moe.flat_router import FlatRouter
+
+        return FlatRouter(d_model, moe)
+    return GroupRouter(d_model, moe)
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, MoHGELayer]]:

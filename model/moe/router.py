@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.config import MoEConfig
+from mohge.model.moe.balance import biased, register_selection_bias
 from mohge.model.moe.dispatch import count_per_expert
 
 
@@ -33,6 +34,7 @@ class Routing:
     group_mask_TG: torch.Tensor  # bool, the kept groups
     expert_logits_TE: torch.Tensor  # W_e x (z-loss)
     aux_scores_TE: torch.Tensor  # the per-expert probabilities the intra-group loss sees
+    keep_TK: Optional[torch.Tensor] = None  # bool, slots actually routed (top-p); None: all
 
 
 def _select_global(s_TE: torch.Tensor, top_k: int, members_GN: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,7 @@ class GroupRouter(nn.Module):
             self._select: Callable = _select_global
         else:
             self._select = lambda s, k, members: _select_per_group(s, k, members, self.k_group)
+        register_selection_bias(self, moe)  # aux-loss-free balancing: steers selection only
 
     def reset_buffers(self) -> None:
         """Fills the index tables (buffers, so they follow the module's device)."""
@@ -101,7 +104,7 @@ class GroupRouter(nn.Module):
         num_groups = group_logits_TG.shape[-1]
         p_TG = torch.sigmoid(group_logits_TG)
         kept_TG = torch.zeros_like(p_TG, dtype=torch.bool)
-        kept_TG.scatter_(-1, p_TG.topk(self.k_group, dim=-1).indices, True)
+        kept_TG.scatter_(-1, biased(p_TG, self.group_bias).topk(self.k_group, dim=-1).indices, True)
         p_kept_TG = p_TG * kept_TG
         p_kept_TG = p_kept_TG / p_kept_TG.sum(-1, keepdim=True)
 
@@ -117,13 +120,15 @@ class GroupRouter(nn.Module):
         s_TE = s_TE / s_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         kept_TE = kept_TG[:, gid_E]
 
-        expert_idx_TK = self._select(s_TE.masked_fill(~kept_TE, float("-inf")), self.top_k, self.members_GN)
+        expert_idx_TK = self._select(biased(s_TE, self.expert_bias).masked_fill(~kept_TE, float("-inf")),
+                                     self.top_k, self.members_GN)
         chosen_TK = s_TE.gather(-1, expert_idx_TK)
         if self.combine == "authors":
             # The authors hand s to Megatron's top-k as logits: their weights are a softmax over the
-            # k selected probabilities and their load-balance loss sees softmax(s) over all experts.
+            # k selected probabilities, and their load-balance loss sees the sparse routing
+            # probabilities it returns (those weights at the selected experts, 0 elsewhere).
             weights_TK = chosen_TK.softmax(-1)
-            aux_scores_TE = s_TE.softmax(-1)
+            aux_scores_TE = torch.zeros_like(s_TE).scatter(-1, expert_idx_TK, weights_TK)
         else:
             weights_TK = chosen_TK / chosen_TK.sum(-1, keepdim=True).clamp_min(1e-20)
             aux_scores_TE = s_TE
