@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mohge.model.config import MoEConfig
+from mohge.model.moe.dispatch import count_per_expert
 
 
 def register_selection_bias(router: nn.Module, moe: MoEConfig) -> None:
@@ -55,11 +56,12 @@ class StepCounts:
         self.counts: Optional[torch.Tensor] = None  # [E + G + 1]: experts, groups, tokens
 
     def record(self, expert_idx_TK: torch.Tensor, group_mask_TG: torch.Tensor, keep_TK=None) -> None:
-        served = expert_idx_TK.flatten() if keep_TK is None else expert_idx_TK.flatten()[keep_TK.flatten()]
+        # A scatter-add count and a fill: no data-dependent shape, so no host sync (unlike bincount
+        # or boolean indexing by keep_TK).
         packed = torch.cat([
-            torch.bincount(served, minlength=self.num_experts).double(),
+            count_per_expert(expert_idx_TK, self.num_experts, keep_TK).double(),
             group_mask_TG.sum(0).double(),
-            torch.tensor([float(expert_idx_TK.shape[0])], dtype=torch.float64, device=served.device),
+            group_mask_TG.new_full((1,), expert_idx_TK.shape[0], dtype=torch.float64),
         ]).detach()
         self.counts = packed if self.counts is None else self.counts + packed
 
