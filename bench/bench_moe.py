@@ -173,7 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
