@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.layers import rope_cache
+from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.moe.experts import EXPERT_CLASSES, RoutedExperts, grouped_mm
 from mohge.model.moe.layer import MoHGELayer
 from mohge.model.transformer import TransformerBlock
@@ -164,6 +165,38 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
             "host_syncs": sum(syncs.values()), "peak_mb": peak.peak / 2**20, "first_call_s": compile_s}
 
 
+def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, repeats: int) -> list[dict]:
+    """Output projection + cross-entropy, forward + backward: whole fp32 logits (today's lm_loss)
+    against model/loss.py's chunks."""
+    gen = torch.Generator().manual_seed(0)
+    h = (torch.randn(tokens, d_model, generator=gen) * 0.5).to(device).requires_grad_(True)
+    w = (torch.randn(vocab, d_model, generator=gen) * 0.02).to(device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    paths = {"whole": lambda: F.cross_entropy(F.linear(h, w).float(), labels),
+             f"chunked_{chunk}": lambda: chunked_linear_cross_entropy(h, w, labels, chunk)}
+    rows = []
+    for name, fn in paths.items():
+        def step():
+            h.grad = w.grad = None
+            loss = fn()
+            loss.backward()
+            return loss
+        step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loss = step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = PeakMemory()
+        with peak:
+            step()
+        rows.append({"path": name, "tokens": tokens, "vocab": vocab, "loss": float(loss.detach()),
+                     "ms": statistics.median(times) * 1e3, "peak_mb": peak.peak / 2**20})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +206,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--loss-tokens", type=int, default=2048)
+    p.add_argument("--loss-chunk", type=int, default=512)
+    p.add_argument("--only-loss", action="store_true", help="only the output projection + CE rows")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,6 +224,8 @@ def main(argv=None) -> int:
     if not args.no_compile:
         cases += [("layer", "grouped", True), ("block", "grouped", True)]
     rows = []
+    if args.only_loss:
+        cases = []
     for kind, compute, compiled in cases:
         for model, moe in configs(d_model, scale).items():
             rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
@@ -203,8 +242,13 @@ def main(argv=None) -> int:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
               f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{r['host_syncs']:>6}"
               f"{r['peak_mb']:>9.1f}{r['first_call_s']:>7.1f}")
+    losses = loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk, args.device, repeats)
+    print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
+    print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
+    for r in losses:
+        print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
     report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats,
-              "backend": args.backend, "rows": rows}
+              "backend": args.backend, "rows": rows, "loss_rows": losses}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0
