@@ -138,12 +138,16 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         step()
         sync()
         times.append(time.perf_counter() - start)
-    with count_host_syncs() as syncs:
-        step()
-        sync()
-    peak = PeakMemory()
-    with peak:
-        step()
+    syncs, peak_mb = None, None  # dispatch modes cannot run under torch.compile: eager rows only
+    if not compiled:
+        with count_host_syncs() as counted:
+            step()
+            sync()
+        syncs = sum(counted.values())
+        peak = PeakMemory()
+        with peak:
+            step()
+        peak_mb = peak.peak / 2**20
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -172,7 +176,7 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
     seconds = statistics.median(times)
     return {"module": kind, "model": model, "experts": compute, "compiled": compiled,
             "tokens_per_s": tokens / seconds, "ms": seconds * 1e3, "gemm_ops": gemm, "ops": ops,
-            "host_syncs": sum(syncs.values()), "peak_mb": peak.peak / 2**20, "first_call_s": compile_s}
+            "host_syncs": syncs, "peak_mb": peak_mb, "first_call_s": compile_s}
 
 
 def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, repeats: int) -> list[dict]:
@@ -207,6 +211,10 @@ def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, re
     return rows
 
 
+def _fmt(value, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,6 +224,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--only-compiled", action="store_true", help="compiled rows only")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--loss-tokens", type=int, default=2048)
     p.add_argument("--loss-chunk", type=int, default=512)
@@ -236,6 +245,8 @@ def main(argv=None) -> int:
     rows = []
     if args.only_loss:
         cases = []
+    if args.only_compiled:
+        cases = [c for c in cases if c[2]]
     for kind, compute, compiled in cases:
         for model, moe in configs(d_model, scale).items():
             rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
@@ -250,8 +261,8 @@ def main(argv=None) -> int:
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{r['host_syncs']:>6}"
-              f"{r['peak_mb']:>9.1f}{r['first_call_s']:>7.1f}")
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
+              f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
     losses = loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk, args.device, repeats)
     print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
     print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")

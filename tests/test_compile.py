@@ -37,9 +37,11 @@ def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity):
     assert layer.stats.pop()["forwards"] == 2  # routing statistics still recorded when compiled
 
 
-def test_compile_rejects_the_loop_experts():
+def test_compile_rejects_the_loop_experts_and_tensor_parallel():
     with pytest.raises(ConfigError, match="model.moe.expert_compute=loop"):
         compose_config("tiny_mohge", ["train.compile=true", "model.moe.expert_compute=loop"])
+    with pytest.raises(ConfigError, match="train.compile=true: not supported with parallel.tp > 1"):
+        compose_config("tiny_mohge", ["train.compile=true", "parallel.tp=2"])
 
 
 def _losses(tmp_path, name, *overrides):
@@ -83,8 +85,8 @@ def _cli_losses(out_dir, nproc: int, *overrides) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.timeout(3000)
-@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.tp=2"], ["parallel.dp_shard=2", "parallel.ep=2"]],
-                         ids=["fsdp2", "tp2", "ep2"])
+@pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.dp_shard=2", "parallel.ep=2"]],
+                         ids=["fsdp2", "ep2"])
 def test_compiled_layouts_match_eager_single_process(tmp_path, layout):
     """Compiled blocks (aot_eager: dynamo + AOTAutograd through FSDP2 / DTensor / the EP
     all-to-all; inductor's numerics are checked single-process above) give the eager
