@@ -15,7 +15,6 @@ COMMON = ["data=synthetic", "logging.progress=false", "train.eval_every=0", "tra
           "train.steps=3", "checkpoint.save_final=false"]
 
 
-@pytest.mark.slow  # ~45 s each on a loaded 2-core machine
 @pytest.mark.parametrize("mode, top_k, capacity", [("global", 3, None), ("per_group", 4, 0.75)])
 def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity):
     """fullgraph=True turns any graph break (host sync, data-dependent shape) into an error.
@@ -34,7 +33,9 @@ def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity):
     torch.testing.assert_close(out, eager)
     for a, b in zip(grads, [x.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b)
-    assert layer.stats.pop()["forwards"] == 2  # routing statistics still recorded when compiled
+    for _ in range(10):  # more forwards than the recompile limit (8): no guard changes per forward
+        compiled(x)
+    assert layer.stats.pop()["forwards"] == 12  # routing statistics still recorded when compiled
 
 
 def test_compile_rejects_the_loop_experts_and_tensor_parallel():
