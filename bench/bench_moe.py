@@ -2,8 +2,8 @@
 like bench_gpu.py) against the homogeneous MoE with the same activated parameters, eager and
 compiled, in one run with the same shapes. Prints a table and writes JSON.
 
-Per case: tokens/s (median of timed repeats), GEMM and total ops per layer (torch.profiler, leaf
-aten ops; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
+Per case: tokens/s (median of timed repeats), GEMM and total ops per layer (torch.profiler: ops as
+issued from Python and autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
 tensors the step allocates. Expert paths: `grouped` (the padded stack, one grouped GEMM per
 projection), `per_group` (the previous path, rebuilt here as the baseline: one grouped GEMM per
 size group and projection, counts read to the host) and `loop` (reference).
@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.layers import rope_cache
+from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.moe.experts import EXPERT_CLASSES, RoutedExperts, grouped_mm
 from mohge.model.moe.layer import MoHGELayer
 from mohge.model.transformer import TransformerBlock
@@ -137,12 +138,16 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         step()
         sync()
         times.append(time.perf_counter() - start)
-    with count_host_syncs() as syncs:
-        step()
-        sync()
-    peak = PeakMemory()
-    with peak:
-        step()
+    syncs, peak_mb = None, None  # dispatch modes cannot run under torch.compile: eager rows only
+    if not compiled:
+        with count_host_syncs() as counted:
+            step()
+            sync()
+        syncs = sum(counted.values())
+        peak = PeakMemory()
+        with peak:
+            step()
+        peak_mb = peak.peak / 2**20
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -155,13 +160,59 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         gemm = sum(1 for e in kernels if any(s in e.name.lower() for s in ("gemm", "sm90", "cutlass", "matmul")))
         ops = len(kernels)
     else:
-        leaves = [e for e in events if e.name.startswith(("aten::", "mohge::")) and not e.cpu_children]
-        gemm = sum(1 for e in events if e.name in GEMMS and not any(c.name in GEMMS for c in e.cpu_children))
-        ops = len(leaves)
+        # Ops as issued by Python and autograd (an op inside another op, e.g. the per-expert mm
+        # of the CPU grouped_mm fallback, is part of its parent's launch).
+        def top(e):
+            parent = e.cpu_parent
+            while parent is not None:
+                if parent.name.startswith(("aten::", "mohge::")):
+                    return False
+                parent = parent.cpu_parent
+            return e.name.startswith(("aten::", "mohge::"))
+
+        issued = [e for e in events if top(e)]
+        gemm = sum(1 for e in issued if e.name in GEMMS)
+        ops = len(issued)
     seconds = statistics.median(times)
     return {"module": kind, "model": model, "experts": compute, "compiled": compiled,
             "tokens_per_s": tokens / seconds, "ms": seconds * 1e3, "gemm_ops": gemm, "ops": ops,
-            "host_syncs": sum(syncs.values()), "peak_mb": peak.peak / 2**20, "first_call_s": compile_s}
+            "host_syncs": syncs, "peak_mb": peak_mb, "first_call_s": compile_s}
+
+
+def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, repeats: int) -> list[dict]:
+    """Output projection + cross-entropy, forward + backward: whole fp32 logits (today's lm_loss)
+    against model/loss.py's chunks."""
+    gen = torch.Generator().manual_seed(0)
+    h = (torch.randn(tokens, d_model, generator=gen) * 0.5).to(device).requires_grad_(True)
+    w = (torch.randn(vocab, d_model, generator=gen) * 0.02).to(device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    paths = {"whole": lambda: F.cross_entropy(F.linear(h, w).float(), labels),
+             f"chunked_{chunk}": lambda: chunked_linear_cross_entropy(h, w, labels, chunk)}
+    rows = []
+    for name, fn in paths.items():
+        def step():
+            h.grad = w.grad = None
+            loss = fn()
+            loss.backward()
+            return loss
+        step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loss = step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        peak = PeakMemory()
+        with peak:
+            step()
+        rows.append({"path": name, "tokens": tokens, "vocab": vocab, "loss": float(loss.detach()),
+                     "ms": statistics.median(times) * 1e3, "peak_mb": peak.peak / 2**20})
+    return rows
+
+
+def _fmt(value, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 def main(argv=None) -> int:
@@ -173,7 +224,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--only-compiled", action="store_true", help="compiled rows only")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--loss-tokens", type=int, default=2048)
+    p.add_argument("--loss-chunk", type=int, default=512)
+    p.add_argument("--only-loss", action="store_true", help="only the output projection + CE rows")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
@@ -185,6 +243,10 @@ def main(argv=None) -> int:
     if not args.no_compile:
         cases += [("layer", "grouped", True), ("block", "grouped", True)]
     rows = []
+    if args.only_loss:
+        cases = []
+    if args.only_compiled:
+        cases = [c for c in cases if c[2]]
     for kind, compute, compiled in cases:
         for model, moe in configs(d_model, scale).items():
             rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
@@ -199,10 +261,15 @@ def main(argv=None) -> int:
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{r['host_syncs']:>6}"
-              f"{r['peak_mb']:>9.1f}{r['first_call_s']:>7.1f}")
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
+              f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
+    losses = loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk, args.device, repeats)
+    print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
+    print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
+    for r in losses:
+        print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
     report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats,
-              "backend": args.backend, "rows": rows}
+              "backend": args.backend, "rows": rows, "loss_rows": losses}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0

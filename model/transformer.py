@@ -86,11 +86,11 @@ class Transformer(nn.Module):
                 module.reset_buffers()
         with torch.no_grad():
             for name, module, param in _named_params_with_owner(self):
-                if hasattr(module, "init_param"):  # a packed layout draws its values per part
-                    module.init_param(name, param, lambda n, shape: initial_value(n, shape, self.cfg, seed))
-                    continue
                 rows = getattr(module, "expert_rows", None)
-                full = initial_value(name, full_shape(module, param), self.cfg, seed)
+                if hasattr(module, "full_initial_value"):  # a packed layout draws its values per part
+                    full = module.full_initial_value(name, lambda n, shape: initial_value(n, shape, self.cfg, seed))
+                else:
+                    full = initial_value(name, full_shape(module, param), self.cfg, seed)
                 copy_local(param, full if rows is None else full[rows])
         init_balance_buffers(self)
 

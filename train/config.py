@@ -152,6 +152,9 @@ class RunConfig:
         if t.loss_chunk_tokens and (self.parallel.tp > 1 or self.parallel.pp > 1):
             raise ConfigError("train.loss_chunk_tokens: not supported with parallel.tp > 1 or parallel.pp > 1 yet; "
                               "set it to 0")
+        if t.compile and self.parallel.tp > 1:
+            raise ConfigError("train.compile=true: not supported with parallel.tp > 1 yet (a DTensor gradient "
+                              "leaves the compiled block as a plain tensor); set train.compile=false")
         if t.compile_backend not in ("inductor", "aot_eager", "eager"):
             raise ConfigError("train.compile_backend: must be one of inductor, aot_eager, eager")
         if t.warmup_steps < 0:

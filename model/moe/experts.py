@@ -129,25 +129,29 @@ class RoutedExperts(nn.Module):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(full.new_empty((len(global_ids), *full.shape[1:]))))
 
-    def init_param(self, name: str, param: torch.Tensor, value: Callable) -> None:
-        """Fills the stack from per-group initial values drawn under the per-group names
-        (`value(name, shape)` of the old [N, F, D] tensors); padding is zero."""
+    def full_initial_value(self, name: str, value: Callable) -> torch.Tensor:
+        """The whole model's stack `name` (w13 or w2, every expert, padding zero), filled from
+        per-group initial values drawn under the per-group names (`value(name, shape)` of the
+        old [N, F, D] tensors); the caller keeps this process's rows (`expert_rows`)."""
         prefix, p_name = name.rsplit(".", 1)
-        full = torch.zeros(param.shape, dtype=torch.float32)
+        all_ids = [(g, r) for g, n in enumerate(self.full_group_sizes) for r in range(n)]
+        fm = self.max_width
+        shape = (len(all_ids), 2 * fm, self.d_model) if p_name == "w13" else (len(all_ids), self.d_model, fm)
+        full = torch.zeros(shape)
         parts = ("w1", "w3") if p_name == "w13" else ("w2",)
         drawn = {}
         for g, (n, f) in enumerate(zip(self.full_group_sizes, self.widths)):
             for part in parts:
-                shape = (n, self.d_model, f) if part == "w2" else (n, f, self.d_model)
-                drawn[g, part] = value(f"{prefix}.groups.{g}.{part}", shape)
-        for i, (g, r) in enumerate(self.expert_ids):
-            w1, w3, w2 = self.expert_views(full, full, i)
+                part_shape = (n, self.d_model, f) if part == "w2" else (n, f, self.d_model)
+                drawn[g, part] = value(f"{prefix}.groups.{g}.{part}", part_shape)
+        for i, (g, r) in enumerate(all_ids):
+            f = self.widths[g]
             if p_name == "w13":
-                w1.copy_(drawn[g, "w1"][r])
-                w3.copy_(drawn[g, "w3"][r])
+                full[i, :f] = drawn[g, "w1"][r]
+                full[i, fm:fm + f] = drawn[g, "w3"][r]
             else:
-                w2.copy_(drawn[g, "w2"][r])
-        param.copy_(full.to(device=param.device, dtype=param.dtype))
+                full[i, :, :f] = drawn[g, "w2"][r]
+        return full
 
     @torch.no_grad()
     def zero_padding_(self) -> None:

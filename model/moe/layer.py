@@ -33,10 +33,10 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        # Sums stay on the device as tensors; `pop()` is the only host sync.
+        # Sums stay on the device as tensors; `pop()` is the only host sync. Token and forward
+        # counts are tensors too: a Python int on the module would be a torch.compile guard
+        # that changes every forward (a recompile per micro-batch).
         self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = 0
-        self.forwards = 0
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().double()
@@ -54,8 +54,8 @@ class RoutingStats:
         self._add("group_tokens", routing.group_mask_TG.sum(0))
         for name, value in losses.items():
             self._add(name, value)
-        self.tokens += routing.expert_idx_TK.shape[0]
-        self.forwards += 1
+        self._add("_tokens", served.new_full((), routing.expert_idx_TK.shape[0]))
+        self._add("_forwards", served.new_ones(()))
 
     def pop(self) -> dict:
         """Totals since the last pop (loss values averaged per forward, counts summed), then reset.
@@ -63,8 +63,9 @@ class RoutingStats:
         Keys: tokens, forwards, tokens_per_expert [E] (slots served), group_tokens [G], one per
         loss, and dropped_slots with a capacity factor.
         """
-        n = max(self.forwards, 1)
-        out: dict = {"tokens": self.tokens, "forwards": self.forwards}
+        tokens, forwards = (int(self.sums.pop(k, torch.zeros(()))) for k in ("_tokens", "_forwards"))
+        n = max(forwards, 1)
+        out: dict = {"tokens": tokens, "forwards": forwards}
         for name, value in self.sums.items():
             value = value.cpu()
             if value.dim():
