@@ -24,7 +24,7 @@ class ParallelContext:
     rank: int = 0
     device: torch.device = torch.device("cpu")
     dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
-    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp, ep, tp)
+    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, tp)
 
     @property
     def distributed(self) -> bool:
@@ -48,7 +48,9 @@ class ParallelContext:
             return None
         if name == "world":
             return dist.group.WORLD
-        if name in ("ep", "edp"):
+        if name == "edp":
+            return self.expert_mesh["edp_replicate", "edp_shard"]._flatten("edp").get_group()
+        if name in ("ep", "edp_replicate", "edp_shard"):
             return self.expert_mesh.get_group(name)
         if name == "dp":
             return self.dense_mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
