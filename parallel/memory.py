@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mohge.parallel.data_parallel import expert_shard_dim, fsdp_shard_dim
 from mohge.parallel.dims import ParallelDims
 
 # Tensor-parallel shard dimension of every parameter the plan in tensor_parallel.py shards
@@ -47,16 +48,6 @@ def tp_shard_dim(name: str) -> int | None:
             if name.endswith("." + suffix):
                 return dim
     return None
-
-
-def dense_shard_dim(shape: tuple[int, ...]) -> int:
-    """FSDP shard dimension of a parameter (see data_parallel.fsdp_placement)."""
-    return 1 if len(shape) == 3 else 0
-
-
-def expert_shard_dim(shape: tuple[int, ...]) -> int:
-    """FSDP shard dimension of a routed-expert tensor (see data_parallel.expert_placement)."""
-    return 1 if len(shape) >= 2 else 0
 
 
 def chunk_len(size: int, n: int, i: int) -> int:
@@ -135,10 +126,10 @@ def local_shapes(cfg, dims: ParallelDims, rank: int, experts_sharded: bool = Tru
         if dims.dp_shard > 1:
             if expert and dims.ep > 1:
                 if experts_sharded and dims.edp_shard > 1:
-                    d = expert_shard_dim(tuple(shape))
+                    d = expert_shard_dim(len(shape))
                     shape[d] = chunk_len(shape[d], dims.edp_shard, c["edp_shard"])
             else:
-                d = dense_shard_dim(tuple(shape))
+                d = fsdp_shard_dim(len(shape))
                 shape[d] = chunk_len(shape[d], dims.dp_shard, c["dp_shard"])
         out.append((name, whole, tuple(shape), expert))
     return out

@@ -91,7 +91,9 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if dims.dp_shard > 1:
         from mohge.parallel.data_parallel import apply_fsdp
 
-        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1, stages=getattr(model, "pipeline_stages", None))
+        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1, stages=getattr(model, "pipeline_stages", None),
+                   expert_mesh=expert_fsdp_mesh(ctx), expert_divide_factor=dims.dp,
+                   sum_reduction=ctx.distributed and dist.get_backend() != "nccl")
     return model
 
 
@@ -100,6 +102,17 @@ def fsdp_mesh(ctx: ParallelContext):
     if ctx.dims.dp_replicate > 1:
         return ctx.dense_mesh["dp_replicate", "dp_shard"]
     return ctx.dense_mesh["dp_shard"]
+
+
+def expert_fsdp_mesh(ctx: ParallelContext):
+    """Mesh the routed experts are sharded over under expert parallel: edp_shard, or
+    (edp_replicate, edp_shard) for HSDP; None where they stay whole (edp_shard == 1)."""
+    dims = ctx.dims
+    if dims.ep == 1 or dims.edp_shard == 1:
+        return None
+    if dims.edp_replicate > 1:
+        return ctx.expert_mesh["edp_replicate", "edp_shard"]
+    return ctx.expert_mesh["edp_shard"]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
