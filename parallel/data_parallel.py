@@ -14,25 +14,27 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import Shard
 
 
-def fsdp_shard_dim(ndim: int) -> int:
-    # Expert weights [N, F, D] (ep = 1) shard along F, so each expert's row stays a view of the
-    # local shard: checkpoints store one entry per expert and must write through those views.
-    return 1 if ndim == 3 else 0
+def fsdp_shard_dim(name: str, ndim: int) -> int:
+    """FSDP shard dimension of any parameter: routed experts (also when FSDP shards them with the
+    dense weights, ep = 1) as `expert_shard_dim`, everything else along dim 0."""
+    return expert_shard_dim(name, ndim) if ".experts." in name else 0
 
 
-def expert_shard_dim(ndim: int) -> int:
-    """Dimension routed-expert tensors shard along: never the leading (expert or row-segment)
-    one, so every expert's slice stays a view of the local shard (3-D [N, F, D] -> F; a fused
-    2-D [rows, D] -> D); 1-D tensors along their only dimension."""
-    return 1 if ndim >= 2 else 0
+def expert_shard_dim(name: str, ndim: int) -> int:
+    """Dimension a routed-expert tensor shards along: the model dimension D. It is the input dim
+    of the up projections ([..., F, D]: w1, w3, a fused w13) and the output dim of the down
+    projection ([..., D, F]: w2), in every expert layout: never the expert (or row-segment) dim,
+    never a width dim that per-expert views slice or that holds padding. So every expert's
+    checkpoint view of the local shard stays a view."""
+    if ndim == 1:
+        return 0
+    return ndim - 2 if name.rsplit(".", 1)[-1].startswith("w2") else ndim - 1
 
 
-def fsdp_placement(param: nn.Parameter):
-    return Shard(fsdp_shard_dim(param.dim()))
-
-
-def expert_placement(param: nn.Parameter):
-    return Shard(expert_shard_dim(param.dim()))
+def _placements(module: nn.Module):
+    """shard_placement_fn for FSDP units of `module`: each parameter by its name."""
+    dims = {p: fsdp_shard_dim(n, p.dim()) for n, p in module.named_parameters()}
+    return lambda p: Shard(dims[p]) if p in dims else None
 
 
 def routed_expert_modules(block: nn.Module) -> list[nn.Module]:
@@ -49,7 +51,7 @@ def shard_experts_fsdp(model: nn.Module, expert_mesh, divide_factor: int, sum_re
     pre-multiplied sums (gloo) reduce with a plain sum and divide after (`sum_reduction`)."""
     for block in model.layers.values():
         for experts in routed_expert_modules(block):
-            fully_shard(experts, mesh=expert_mesh, shard_placement_fn=expert_placement)
+            fully_shard(experts, mesh=expert_mesh, shard_placement_fn=_placements(block))
             experts.set_gradient_divide_factor(float(divide_factor))
             if sum_reduction:
                 experts.set_force_sum_reduction_for_comms(True)
@@ -66,10 +68,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, expert_parallel: bool, stages: list[nn
         shard_experts_fsdp(model, expert_mesh, expert_divide_factor, sum_reduction)
     elif expert_parallel:
         ignored = {p for n, p in model.named_parameters() if ".experts." in n}
+    placement = _placements(model)
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=fsdp_placement)
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=placement)
     for root in stages or [model]:
-        fully_shard(root, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=fsdp_placement)
+        fully_shard(root, mesh=dp_mesh, ignored_params=ignored, shard_placement_fn=placement)
 
 
 def reshard(model: nn.Module) -> None:

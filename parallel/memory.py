@@ -126,10 +126,10 @@ def local_shapes(cfg, dims: ParallelDims, rank: int, experts_sharded: bool = Tru
         if dims.dp_shard > 1:
             if expert and dims.ep > 1:
                 if experts_sharded and dims.edp_shard > 1:
-                    d = expert_shard_dim(len(shape))
+                    d = expert_shard_dim(name, len(shape))
                     shape[d] = chunk_len(shape[d], dims.edp_shard, c["edp_shard"])
             else:
-                d = fsdp_shard_dim(len(shape))
+                d = fsdp_shard_dim(name, len(shape))
                 shape[d] = chunk_len(shape[d], dims.dp_shard, c["dp_shard"])
         out.append((name, whole, tuple(shape), expert))
     return out
