@@ -83,3 +83,15 @@ def test_mohge_3b_rank_generates_its_share(dp_shard, rank):
     assert planned.expert_elems <= experts / 8 / (dp_shard // 8)
     assert generated - planned.expert_elems <= dense / dp_shard * 1.01
     assert generated < model.num_params() / dp_shard * 1.01
+
+
+def test_fill_indexed_writes_any_sub_block():
+    """A block of a tensor (rows 1 and 3, columns 0, 2, 4 of a 4 x 5 tensor) drawn on its own,
+    e.g. one expert's slice of a packed stack, equals that block of the whole tensor."""
+    from mohge.model.init import fill_indexed
+
+    key, whole = param_key("layers.0.ffn.experts.groups.1.w1", 7), torch.empty(4, 5)
+    fill_indexed(whole, key, 0.02, (4, 5), [torch.arange(4), torch.arange(5)])
+    block = torch.empty(2, 3)
+    assert fill_indexed(block, key, 0.02, (4, 5), [torch.tensor([1, 3]), torch.tensor([0, 2, 4])]) == 6
+    assert torch.equal(block, whole[[1, 3]][:, [0, 2, 4]])
