@@ -1,8 +1,8 @@
 """The decoder: embedding -> blocks (attention + dense FFN or MoHGE) -> norm -> output head.
 
 Built on `meta`, moved with `to_empty`, then `init_weights(seed)`: every parameter's initial value
-is drawn from a generator seeded by (seed, parameter name) on its full shape, and each process
-keeps its part of it, so any parallel layout that keeps parameter names starts from the same
+is a function of (seed, parameter name, element index) and each process generates only the part
+it holds (model/init.py), so any parallel layout that keeps parameter names starts from the same
 weights. Pipeline stages delete the
 modules they do not run (the embedding, some blocks, the head) and keep the names of the rest.
 """
@@ -10,7 +10,6 @@ modules they do not run (the embedding, some blocks, the head) and keep the name
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import nn
 
 from mohge.model.config import ModelConfig
 from mohge.model.attention import MultiLatentAttention
+from mohge.model.init import fill_indexed, fill_local, param_key
 from mohge.model.layers import Attention, FeedForward
 from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.rope import rope_cache, softmax_scale_factor
@@ -77,22 +77,32 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     # ---- initialisation -----------------------------------------------------------------
-    def init_weights(self, seed: int) -> None:
-        """Deterministic, layout-independent initial values (see the module docstring)."""
+    def init_weights(self, seed: int) -> int:
+        """Deterministic, layout-independent initial values (see the module docstring); returns the
+        number of elements this process generated."""
         device = next(self.parameters()).device
         self.rope = _rope_table(self.cfg, device)
         for module in self.modules():  # index tables left empty by to_empty()
             if hasattr(module, "reset_buffers"):
                 module.reset_buffers()
+        generated = 0
         with torch.no_grad():
             for name, module, param in _named_params_with_owner(self):
+                if hasattr(module, "init_experts"):  # a packed layout draws each expert under its own name
+                    generated += module.init_experts(name, param, self._fill_part(seed))
+                    continue
                 rows = getattr(module, "expert_rows", None)
-                if hasattr(module, "full_initial_value"):  # a packed layout draws its values per part
-                    full = module.full_initial_value(name, lambda n, shape: initial_value(n, shape, self.cfg, seed))
-                else:
-                    full = initial_value(name, full_shape(module, param), self.cfg, seed)
-                copy_local(param, full if rows is None else full[rows])
+                generated += fill_local(param, param_key(name, seed), init_std(name, self.cfg),
+                                        full_shape(module, param), rows)
         init_balance_buffers(self)
+        return generated
+
+    def _fill_part(self, seed: int):
+        """fill(name, whole_shape, out, vectors): the values of tensor `name` (whole shape) at the
+        global indices `vectors`, written into `out` (see model/init.py fill_indexed)."""
+        def fill(name, whole_shape, out, vectors):
+            return fill_indexed(out, param_key(name, seed), init_std(name, self.cfg), whole_shape, vectors)
+        return fill
 
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
@@ -127,26 +137,23 @@ def full_shape(module: nn.Module, param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)
 
 
-def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
-    """The initial value of parameter `name` (full shape), on CPU in fp32."""
+def init_std(name: str, cfg: ModelConfig) -> float | None:
+    """Standard deviation of parameter `name`'s normal initialisation; None: ones (norm weights)."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return None
     std = cfg.init_std
     if ".router." in name:
         std = cfg.moe.router_init_std
     if name.endswith(("attention.wo.weight", ".w2.weight", ".w2")):
         std = std / math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, as GPT-2 / Megatron
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+    return std
 
 
-def copy_local(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copies this process's part of `full` into `param` (a plain tensor or a DTensor)."""
-    if hasattr(param, "device_mesh"):  # DTensor: distribute the full value with its placements
-        from torch.distributed.tensor import distribute_tensor
-
-        full = distribute_tensor(full.to(param.to_local().device), param.device_mesh, param.placements)
-    param.copy_(full.to(device=param.device, dtype=param.dtype))
+def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name` (whole shape), on CPU in fp32."""
+    value = torch.empty(shape)
+    fill_local(value, param_key(name, seed), init_std(name, cfg), shape)
+    return value
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta", expert_compute: str = "loop") -> Transformer:

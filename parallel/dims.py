@@ -4,6 +4,8 @@ named DeviceMeshes built from them.
 Rank layout, outermost to innermost: pp, dp_replicate, dp_shard, tp. Expert parallel is carved
 out of the data-parallel ranks: the flattened dp index d = dp_replicate_i * dp_shard + dp_shard_i
 splits as d = edp_i * ep + ep_i, so the expert mesh is (pp, edp, ep, tp) over the same ranks.
+The edp dimension is itself split as (edp_replicate, edp_shard): routed experts are sharded (FSDP)
+over edp_shard and replicated over edp_replicate, see `edp_shard`.
 """
 
 from __future__ import annotations
@@ -63,11 +65,28 @@ class ParallelDims:
         """Data-parallel replicas of each expert."""
         return self.dp // self.ep
 
+    @property
+    def edp_shard(self) -> int:
+        """Ranks each routed expert's weights, gradients and optimizer states are sharded over.
+
+        Like the dense weights they are sharded only when dp_shard > 1: over the dp_shard ranks
+        that hold the same experts (dp_shard / ep, replicated over dp_replicate: HSDP) when ep
+        divides dp_shard, else over all their replicas (ep then spans dp_replicate groups)."""
+        if self.dp_shard == 1:
+            return 1
+        return self.dp_shard // self.ep if self.dp_shard % self.ep == 0 else self.edp
+
+    @property
+    def edp_replicate(self) -> int:
+        """Whole-expert replicas left over edp_shard (their gradients are all-reduced)."""
+        return self.edp // self.edp_shard
+
     def coords(self, rank: int) -> dict[str, int]:
         """This rank's index along every named dimension."""
         tp_i = rank % self.tp
         dp_i = (rank // self.tp) % self.dp
         pp_i = rank // (self.tp * self.dp)
+        edp_i = dp_i // self.ep
         return {
             "pp": pp_i,
             "dp": dp_i,
@@ -75,11 +94,14 @@ class ParallelDims:
             "dp_shard": dp_i % self.dp_shard,
             "tp": tp_i,
             "ep": dp_i % self.ep,
-            "edp": dp_i // self.ep,
+            "edp": edp_i,
+            "edp_replicate": edp_i // self.edp_shard,
+            "edp_shard": edp_i % self.edp_shard,
         }
 
     def build_meshes(self, device_type: str):
-        """(dense mesh (pp, dp_replicate, dp_shard, tp), expert mesh (pp, edp, ep, tp))."""
+        """(dense mesh (pp, dp_replicate, dp_shard, tp), expert mesh (pp, edp_replicate, edp_shard,
+        ep, tp)); flatten (edp_replicate, edp_shard) for the whole edp group."""
         from torch.distributed.device_mesh import init_device_mesh
 
         dense = init_device_mesh(
@@ -88,6 +110,8 @@ class ParallelDims:
             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
         )
         expert = init_device_mesh(
-            device_type, (self.pp, self.edp, self.ep, self.tp), mesh_dim_names=("pp", "edp", "ep", "tp")
+            device_type,
+            (self.pp, self.edp_replicate, self.edp_shard, self.ep, self.tp),
+            mesh_dim_names=("pp", "edp_replicate", "edp_shard", "ep", "tp"),
         )
         return dense, expert

@@ -24,7 +24,7 @@ class ParallelContext:
     rank: int = 0
     device: torch.device = torch.device("cpu")
     dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
-    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp, ep, tp)
+    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, tp)
 
     @property
     def distributed(self) -> bool:
@@ -48,7 +48,9 @@ class ParallelContext:
             return None
         if name == "world":
             return dist.group.WORLD
-        if name in ("ep", "edp"):
+        if name == "edp":
+            return self.expert_mesh["edp_replicate", "edp_shard"]._flatten("edp").get_group()
+        if name in ("ep", "edp_replicate", "edp_shard"):
             return self.expert_mesh.get_group(name)
         if name == "dp":
             return self.dense_mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
@@ -93,7 +95,9 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if dims.dp_shard > 1:
         from mohge.parallel.data_parallel import apply_fsdp
 
-        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1, stages=getattr(model, "pipeline_stages", None))
+        apply_fsdp(model, fsdp_mesh(ctx), expert_parallel=dims.ep > 1, stages=getattr(model, "pipeline_stages", None),
+                   expert_mesh=expert_fsdp_mesh(ctx), expert_divide_factor=dims.dp,
+                   sum_reduction=ctx.distributed and dist.get_backend() != "nccl")
     return model
 
 
@@ -102,6 +106,17 @@ def fsdp_mesh(ctx: ParallelContext):
     if ctx.dims.dp_replicate > 1:
         return ctx.dense_mesh["dp_replicate", "dp_shard"]
     return ctx.dense_mesh["dp_shard"]
+
+
+def expert_fsdp_mesh(ctx: ParallelContext):
+    """Mesh the routed experts are sharded over under expert parallel: edp_shard, or
+    (edp_replicate, edp_shard) for HSDP; None where they stay whole (edp_shard == 1)."""
+    dims = ctx.dims
+    if dims.ep == 1 or dims.edp_shard == 1:
+        return None
+    if dims.edp_replicate > 1:
+        return ctx.expert_mesh["edp_replicate", "edp_shard"]
+    return ctx.expert_mesh["edp_shard"]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -1,7 +1,10 @@
-"""`mohge-plan`: expert placement, per-rank parameters, expected expert FLOPs and all-to-all bytes.
+"""`mohge-plan`: expert placement, per-rank parameters, expected expert FLOPs and all-to-all bytes;
+with --memory, each rank's bytes of parameters, gradients, optimizer states and activations.
 
     mohge-plan --config-name mohge_3b --ep 8 --ep 16 [--allocation both] [--group-traffic 0.4,...]
                [--json] [hydra overrides...]
+    mohge-plan --memory --config-name mohge_3b parallel.dp_shard=64 parallel.ep=8
+               [--gpu-mem GiB] [--experts-replicated] [--json] [hydra overrides...]
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ def _traffic(text: str) -> list[float]:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mohge-plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config-name", "-cn", default="mohge_3b", help="preset in configs/ (default mohge_3b)")
-    parser.add_argument("--ep", type=int, action="append", required=True, help="EP size (repeatable)")
+    parser.add_argument("--ep", type=int, action="append", help="EP size (repeatable; placement report)")
+    parser.add_argument("--memory", action="store_true",
+                        help="per-rank memory of the layout in parallel.* (train.micro_batch_size, train.seq_len)")
+    parser.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                        help="with --memory: does the layout fit in GiB per GPU; the smallest layouts that do")
+    parser.add_argument("--experts-replicated", action="store_true",
+                        help="with --memory: count routed experts as whole copies on every edp rank (before sharding)")
     parser.add_argument("--allocation", choices=("all_size", "group_coupled", "both"), default="both")
     parser.add_argument("--group-traffic", type=_traffic, default=None,
                         help="share of routed slots per group, e.g. 0.4,0.3,0.2,0.1 (default: uniform)")
@@ -86,6 +95,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from mohge.train.hydra_config import compose_config
 
+    if args.memory:
+        from mohge.parallel.memory_cli import memory_main
+
+        return memory_main(args)
+    if args.gpu_mem is not None or args.experts_replicated:
+        print("mohge-plan: --gpu-mem and --experts-replicated need --memory", file=sys.stderr)
+        return 2
+    if not args.ep:
+        print("mohge-plan: give --ep N (placement report) or --memory (memory report)", file=sys.stderr)
+        return 2
     try:
         cfg = compose_config(args.config_name, args.overrides)
         if cfg.model.ffn_type != "mohge":

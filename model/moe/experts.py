@@ -129,29 +129,41 @@ class RoutedExperts(nn.Module):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(full.new_empty((len(global_ids), *full.shape[1:]))))
 
-    def full_initial_value(self, name: str, value: Callable) -> torch.Tensor:
-        """The whole model's stack `name` (w13 or w2, every expert, padding zero), filled from
-        per-group initial values drawn under the per-group names (`value(name, shape)` of the
-        old [N, F, D] tensors); the caller keeps this process's rows (`expert_rows`)."""
+    def init_experts(self, name: str, param: torch.Tensor, fill: Callable) -> int:
+        """Fills this process's part of stack `name` (w13 or w2; a plain tensor or an FSDP shard)
+        expert by expert: each real block is drawn as rows of the per-group tensor it would be in
+        the per-group layout (`fill(name, whole_shape, out, vectors)`, mohge.model.init), so every
+        layout starts from the same values; padding is zero. Returns the elements generated."""
+        from mohge.model.init import global_index_vectors
+
         prefix, p_name = name.rsplit(".", 1)
-        all_ids = [(g, r) for g, n in enumerate(self.full_group_sizes) for r in range(n)]
-        fm = self.max_width
-        shape = (len(all_ids), 2 * fm, self.d_model) if p_name == "w13" else (len(all_ids), self.d_model, fm)
-        full = torch.zeros(shape)
-        parts = ("w1", "w3") if p_name == "w13" else ("w2",)
-        drawn = {}
-        for g, (n, f) in enumerate(zip(self.full_group_sizes, self.widths)):
-            for part in parts:
-                part_shape = (n, self.d_model, f) if part == "w2" else (n, f, self.d_model)
-                drawn[g, part] = value(f"{prefix}.groups.{g}.{part}", part_shape)
-        for i, (g, r) in enumerate(all_ids):
-            f = self.widths[g]
-            if p_name == "w13":
-                full[i, :f] = drawn[g, "w1"][r]
-                full[i, fm:fm + f] = drawn[g, "w3"][r]
-            else:
-                full[i, :, :f] = drawn[g, "w2"][r]
-        return full
+        local = param.to_local() if hasattr(param, "device_mesh") else param
+        local.zero_()
+        if local.numel() == 0:
+            return 0
+        rows_L, mid, last = global_index_vectors(param, None)  # local expert, dim 1, dim 2 indices
+        fm, generated = self.max_width, 0
+        for pos, i in enumerate(rows_L.tolist()):
+            g, r = self.expert_ids[i]
+            n, f = self.full_group_sizes[g], self.widths[g]
+            if p_name == "w13":  # [2Fm, D]: w1 rows 0..f, w3 rows fm..fm+f
+                parts = [("w1", mid, 0, (n, f, self.d_model)), ("w3", mid, fm, (n, f, self.d_model))]
+            else:  # [D, Fm]: w2 columns 0..f
+                parts = [("w2", last, 0, (n, self.d_model, f))]
+            for part, along, start, whole in parts:
+                sel = ((along >= start) & (along < start + f)).nonzero().squeeze(1)
+                if not sel.numel():
+                    continue
+                index = along[sel] - start
+                if p_name == "w13":
+                    vectors, out = [torch.tensor([r]), index, last], local.new_empty(1, sel.numel(), last.numel())
+                    generated += fill(f"{prefix}.groups.{g}.{part}", whole, out, vectors)
+                    local[pos].index_copy_(0, sel.to(local.device), out[0])
+                else:
+                    vectors, out = [torch.tensor([r]), mid, index], local.new_empty(1, mid.numel(), sel.numel())
+                    generated += fill(f"{prefix}.groups.{g}.{part}", whole, out, vectors)
+                    local[pos].index_copy_(1, sel.to(local.device), out[0])
+        return generated
 
     @torch.no_grad()
     def zero_padding_(self) -> None:
