@@ -164,7 +164,12 @@ def test_standalone_modeling_matches_mla_yarn_model(tmp_path):
         model.init_weights(1)
         out = tmp_path / f"q{q_lora_rank}"
         out.mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+        from mohge.launch.convert import join_experts
+        from mohge.train.checkpoint import model_entries
+
+        # the export's names: one [N, F, D] tensor per size group, as mohge-convert writes them
+        state = join_experts(model_entries(model))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
         (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
         standalone = modeling.MoHGEForCausalLM.from_pretrained(str(out))
         tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
