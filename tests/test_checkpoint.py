@@ -83,6 +83,23 @@ def test_mismatched_architecture_names_the_field(tmp_path):
         Trainer(_cfg(tmp_path, "train.steps=2", "checkpoint.resume=auto", "model.moe.groups.0.ffn_hidden_size=24"))
 
 
+def test_checkpoint_from_before_new_model_fields_resumes(tmp_path):
+    """A checkpoint whose saved config predates a model field (MLA, RoPE scaling, balance scope,
+    router) had that field's default: it resumes at the default and is refused naming the field
+    when the config now sets it otherwise."""
+    train(_cfg(tmp_path, "train.steps=1"))
+    meta_path = tmp_path / "checkpoints" / "step_00000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("attention", "mla", "rope_scaling"):
+        del meta["model"][key]
+    for key in ("balance_scope", "router", "bias_update_rate"):
+        del meta["model"]["moe"][key]
+    meta_path.write_text(json.dumps(meta))
+    assert Trainer(_cfg(tmp_path, "train.steps=2", "checkpoint.resume=auto")).step == 1
+    with pytest.raises(CheckpointError, match=r"model.moe.balance_scope: checkpoint micro_batch vs config sequence"):
+        Trainer(_cfg(tmp_path, "train.steps=2", "checkpoint.resume=auto", "model.moe.balance_scope=sequence"))
+
+
 def test_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path):
     class NanAt(Trainer):
         bad_steps: set = set()

@@ -312,7 +312,12 @@ def read_meta(path: Path) -> dict:
 
 def check_compatible(meta: dict, run_config, path: Path) -> None:
     """Same architecture (layout may differ); names every differing field."""
-    saved, now = meta["model"], asdict(run_config.model)
+    from mohge.model.config import ModelConfig
+
+    # A field the checkpoint does not name was added later: the checkpoint had its default.
+    default = asdict(ModelConfig())
+    saved, now = {**default, **meta["model"]}, asdict(run_config.model)
+    saved["moe"] = {**default["moe"], **meta["model"].get("moe", {})}
     diffs = []
     for key in sorted(set(saved) | set(now)):
         if key == "moe":
