@@ -50,17 +50,21 @@ def load_for_eval(checkpoint: str, device: str | torch.device = "cpu", dtype: Op
     model = build_model(cfg, "meta", expert_compute=expert_compute)
     model.to_empty(device=device)
     model.init_weights(0)  # buffers (e.g. the rope table); every parameter is overwritten below
-    expected = {name for name, _ in model.named_parameters()}
-    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    from mohge.launch.convert import split_experts
+    from mohge.train.checkpoint import model_entries
+
+    # Checkpoint keys -> views of the model's tensors (one entry per expert, also in the fused stacks).
+    entries, state = model_entries(model), split_experts(state)
+    missing, extra = sorted(entries.keys() - state.keys()), sorted(state.keys() - entries.keys())
     if missing or extra:
         raise CheckpointError(f"{checkpoint}: weights do not match the model its config describes (missing "
                               f"{missing[:3]}, unexpected {extra[:3]}); was it written by another mohge version?")
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.shape != state[name].shape:
-                raise CheckpointError(f"{checkpoint}: {name} has shape {tuple(state[name].shape)}, the config "
-                                      f"gives {tuple(param.shape)}")
-            param.copy_(state[name])
+        for key, view in entries.items():
+            if view.shape != state[key].shape:
+                raise CheckpointError(f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, the config "
+                                      f"gives {tuple(view.shape)}")
+            view.copy_(state[key])
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg

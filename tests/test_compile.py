@@ -42,7 +42,7 @@ def test_compile_rejects_the_loop_experts_and_tensor_parallel():
     with pytest.raises(ConfigError, match="model.moe.expert_compute=loop"):
         compose_config("tiny_mohge", ["train.compile=true", "model.moe.expert_compute=loop"])
     with pytest.raises(ConfigError, match="train.compile=true: not supported with parallel.tp > 1"):
-        compose_config("tiny_mohge", ["train.compile=true", "parallel.tp=2"])
+        compose_config("tiny_mohge", ["train.compile=true", "parallel.tp=2", "parallel.dp_shard=1"])
 
 
 def _losses(tmp_path, name, *overrides):

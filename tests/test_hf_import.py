@@ -34,13 +34,10 @@ def _hf(kind: str, **extra):
 
 
 def _training_model(run_dir) -> torch.nn.Module:
-    """The trainer's Transformer with the imported weights."""
-    m = read_meta(find_latest(str(run_dir)))["model"]
-    moe = MoEConfig(**{**m["moe"], "groups": [ExpertGroupConfig(**g) for g in m["moe"]["groups"]]})
-    model = build_model(ModelConfig(**{**m, "moe": moe}), device="cpu")
-    model.init_weights(0)
-    model.load_state_dict(load_consolidated(find_latest(str(run_dir))), strict=True)
-    return model.eval()
+    """The trainer's Transformer with the imported weights (through the public loader)."""
+    from mohge.launch.load import load_for_eval
+
+    return load_for_eval(str(run_dir))[0]
 
 
 def _save(model, path):
@@ -69,8 +66,9 @@ def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
     assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run"),
                          "--upcycle-experts", "4", "--upcycle-top-k", "2"]) == 0
     model = _training_model(tmp_path / "run")
-    w1 = model.layers["0"].ffn.experts.groups[0].w1
-    assert w1.shape == (4, 40, 32) and torch.equal(w1[0], w1[3])
+    experts = model.layers["0"].ffn.experts
+    w1_first, w1_last = experts.expert_views(experts.w13, experts.w2, 0)[0], experts.expert_views(experts.w13, experts.w2, 3)[0]
+    assert experts.num_experts == 4 and w1_first.shape == (40, 32) and torch.equal(w1_first, w1_last)
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
