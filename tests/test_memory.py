@@ -65,6 +65,7 @@ def _check(tmp_path, overrides: list[str], world: int) -> list[dict]:
     return measured
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_planner_equals_fsdp4_ep2_shards(tmp_path):
     """dp_shard=4 x ep=2: experts sharded over edp_shard=2, dense over 4 (uneven vocab rows)."""
