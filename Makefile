@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,hf]'
 	touch $@
 
 install: $(STAMP)

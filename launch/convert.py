@@ -112,8 +112,6 @@ def tokenizer_files(meta: dict, tokenizer: Optional[str] = None) -> list[Path]:
 
 def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, max_shard_gb: float = 0.0,
                    tokenizer: Optional[str] = None) -> list[Path]:
-    from safetensors.torch import save_file
-
     path = _checkpoint_dir(checkpoint)
     meta = read_meta(path)
     tokenizers = tokenizer_files(meta, tokenizer)
@@ -129,13 +127,31 @@ def to_safetensors(checkpoint: str, output: str, dtype: Optional[str] = None, ma
     for file in tokenizers:
         shutil.copyfile(file, out / file.name)
         _say(f"copied tokenizer {file} -> {out / file.name}")
+    return write_weights(state, out, max_shard_gb)
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_gb: float, prefix: str = "") -> list[Path]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above
+    `max_shard_gb` (0: one file); files readable by the group, progress on stderr."""
+    from safetensors.torch import save_file
+
+    state = {prefix + k: v.contiguous() for k, v in state.items()}
     shards = _shard(state, max_shard_gb)
-    if len(shards) == 1:
-        files = [out / "model.safetensors"]
-        save_file(shards[0], str(files[0]), metadata={"format": "pt"})
-        _readable(files[0])
-        _say(f"wrote {files[0]}")
-        return files
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files, index = [], {}
+    for i, (shard, name) in enumerate(zip(shards, names)):
+        file = out / name
+        save_file(shard, str(file), metadata={"format": "pt"})
+        _readable(file)
+        _say(f"wrote {file}" if len(shards) == 1 else f"wrote {file.name} ({i + 1}/{len(shards)})")
+        files.append(file)
+        index.update({k: file.name for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    return files
     files, index = [], {}
     for i, shard in enumerate(shards):
         file = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from mohge.launch.convert import DTYPES, _checkpoint_dir, _shard, load_consolidated, write_dcp
+from mohge.launch.convert import DTYPES, _checkpoint_dir, load_consolidated, write_dcp, write_weights
 from mohge.model.config import ModelConfig
 from mohge.train.checkpoint import CheckpointError, read_meta
 
@@ -64,27 +64,6 @@ def check_exportable(model: dict, state: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{missing[0]}: missing from the checkpoint ({len(missing)} tensors missing)")
-
-
-def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_gb: float, prefix: str = "") -> list[Path]:
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
-    from safetensors.torch import save_file
-
-    state = {prefix + k: v.contiguous() for k, v in state.items()}
-    shards = _shard(state, max_shard_gb)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return [out / "model.safetensors"]
-    files, index = [], {}
-    for i, shard in enumerate(shards):
-        file = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(file), metadata={"format": "pt"})
-        files.append(file)
-        index.update({k: file.name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-    return files
 
 
 def _tokenizer_file(tokenizer: str) -> Path:

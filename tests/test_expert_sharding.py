@@ -4,15 +4,11 @@ stay layout-independent. mohge-train under torchrun on CPU (gloo)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import free_port
+from distributed import layout_nproc, run_train
 
 ROOT = Path(__file__).parents[1]
 # 4 layers (pipeline stages need 2 each), one sequence per micro-batch: 8 sequences a step are
@@ -23,24 +19,10 @@ BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train
 
 
 def _run(out_dir, nproc: int, *overrides) -> list[dict]:
-    """mohge-train on `nproc` processes (launch/torchrun.sh; one process: the entry point)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOHGE_CPU": "1", "NPROC_PER_NODE": str(nproc),
-           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), *BASE, f"out_dir={out_dir}", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_train(out_dir, nproc, BASE, *overrides, timeout=600)
 
 
-def _nproc(layout: list[str]) -> int:
-    n = 1
-    for override in layout:
-        key, _, value = override.partition("=")
-        if key in ("parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp"):
-            n *= int(value)
-    return n
+_nproc = layout_nproc
 
 
 def _assert_same_weights(out_dir, reference_dir, step: int = 4) -> None:

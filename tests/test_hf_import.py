@@ -9,10 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="HF import needs `pip install 'mohge[hf]'`")
 
-from mohge.launch.convert import load_consolidated, main as convert_main  # noqa: E402
+from mohge.launch.convert import main as convert_main  # noqa: E402
 from mohge.launch.modeling import MoHGEForCausalLM  # noqa: E402
-from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig  # noqa: E402
-from mohge.model.transformer import build_model  # noqa: E402
 from mohge.train.checkpoint import find_latest, read_meta  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import free_port
+from distributed import layout_nproc, run_train
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,26 +18,16 @@ BASE = ["--config-name", "tiny_mohge", "data=synthetic", "train.steps=4", "train
 
 
 def _run(out_dir, nproc: int, *overrides) -> list[dict]:
-    """mohge-train on `nproc` processes through launch/torchrun.sh (CPU/gloo mode); one process
-    runs the console entry point directly. Returns the run's metrics.jsonl lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOHGE_CPU": "1", "NPROC_PER_NODE": str(nproc),
-           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), *BASE, f"out_dir={out_dir}", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "mohge.train.cli", *BASE, f"out_dir={out_dir}", *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_train(out_dir, nproc, BASE, *overrides, timeout=240)
 
 
-def _nproc(layout: list[str]) -> int:
-    """Processes a layout needs: the product of its dp_replicate, dp_shard, tp and pp degrees."""
-    n = 1
-    for override in layout:
-        key, _, value = override.partition("=")
-        if key in ("parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp"):
-            n *= int(value)
-    return n
+_nproc = layout_nproc
+
+
+def slow_after_first(cases: list) -> list:
+    """The first case in the default suite, the others in the slow CI step (`make test-slow`)."""
+    as_param = lambda c: pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)  # noqa: E731
+    return [cases[0], *map(as_param, cases[1:])]
 
 
 def _final_weights(out_dir) -> dict:
@@ -131,7 +119,7 @@ def test_bad_layout_fails_before_any_work(tmp_path):
 @pytest.mark.multirank
 @pytest.mark.parametrize(
     "save_layout, resume_layout",
-    [
+    slow_after_first([
         (["parallel.dp_shard=2", "parallel.ep=2"], []),
         (["parallel.dp_shard=2", "parallel.ep=2"], ["parallel.dp_shard=2", "parallel.ep=2",
                                                     "model.moe.allocation=group_coupled"]),
@@ -142,7 +130,7 @@ def test_bad_layout_fails_before_any_work(tmp_path):
         (["parallel.tp=2"], ["parallel.pp=2"]),
         (["parallel.dp_shard=2", "parallel.ep=2", "checkpoint.async_save=true"], []),
         (["parallel.dp_shard=2", "parallel.tp=2"], ["parallel.pp=2"]),
-    ],
+    ]),
     ids=["ep2->1", "ep2->ep2-coupled", "1->ep2", "dp2->fsdp2", "fsdp2->1", "tp2->fsdp2-ep2", "tp2->pp2",
          "fsdp2-ep2-async->1", "fsdp2-tp2->pp2"],
 )
@@ -173,7 +161,7 @@ def pp_reference(pp_reference_dir):
 @pytest.mark.multirank
 @pytest.mark.parametrize(
     "layout",
-    [
+    slow_after_first([
         ["parallel.pp=2"],
         ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"],
         ["parallel.pp=2", "parallel.tp=2"],
@@ -182,7 +170,7 @@ def pp_reference(pp_reference_dir):
         ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2", "parallel.ep=2"],
-    ],
+    ]),
     ids=["pp2-1f1b", "pp2-interleaved", "tp2-pp2", "tp2-ep2-pp2", "dp4-ep2", "hsdp-ep2", "fsdp2-ep2-pp2",
          "fsdp2-tp2-ep2-pp2"],
 )
@@ -199,6 +187,7 @@ def test_pipeline_layouts_match_single_process(tmp_path, pp_reference, pp_refere
     _assert_same_weights(tmp_path, pp_reference_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_resume_ep2_tp2_as_ep4(tmp_path, pp_reference, pp_reference_dir):
     """Save under dp2 x tp2 x ep2 (4 processes), finish under dp4 x ep4: same losses."""
