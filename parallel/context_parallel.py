@@ -68,6 +68,8 @@ def gather_routing(routing, group):
     fields = {}
     for f in dataclasses.fields(routing):
         x = getattr(routing, f.name)
+        if x is None:  # optional fields (e.g. keep_TK without top-p)
+            continue
         if x.requires_grad:
             fields[f.name] = AllGatherSequence.apply(x, group, 0)
         elif x.dtype == torch.bool:
@@ -84,8 +86,10 @@ def _global_aux_losses(layer, group):
     cp gradient average turns back into exactly one copy."""
     local_aux_losses = layer.aux_losses
 
-    def aux_losses(routing):
-        return local_aux_losses(gather_routing(routing, group))
+    def aux_losses(routing, batch_size: int = 1):
+        # gathered tokens are ordered by cp rank, not by sequence: only token sums are meaningful
+        # (balance_scope=sequence is refused with cp > 1, see validate_context_parallel)
+        return local_aux_losses(gather_routing(routing, group), batch_size)
 
     return aux_losses
 
@@ -135,6 +139,9 @@ def validate_context_parallel(run_cfg) -> None:
     p, cp = run_cfg.parallel, run_cfg.parallel.cp
     if cp < 1:
         raise ConfigError(f"parallel.cp: must be >= 1 (got {cp})")
+    if cp > 1 and run_cfg.model.moe.balance_scope == "sequence":
+        raise ConfigError("model.moe.balance_scope=sequence: not supported with parallel.cp > 1 yet (a sequence's "
+                          "tokens live on several ranks); use micro_batch or global_batch, or parallel.cp=1")
     if cp == 1:
         return
     dp = p.dp_replicate * p.dp_shard
