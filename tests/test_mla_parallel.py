@@ -93,4 +93,6 @@ def test_mla_training_under_tp2_pp2_matches_single_process(tmp_path):
     lines = _run(tmp_path / "tp2pp2", 4, *PP, *MLA, "parallel.pp=2", "parallel.tp=2")
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in ref], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in ref], rel=1e-5)
-    _assert_same_weights(tmp_path / "tp2pp2", tmp_path / "ref")
+    # atol 2e-5: with the MLA latent projections reduced in another order, one output.weight element
+    # of 8192 (gradient near 0, so Adam's normalised step amplifies the rounding) ends 1.07e-5 away.
+    _assert_same_weights(tmp_path / "tp2pp2", tmp_path / "ref", atol=2e-5)
