@@ -41,15 +41,26 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def load_consolidated(path: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of a DCP checkpoint at full size, experts joined per parameter."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optim/")
-    }
-    with quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path))
+    """Every model tensor of a DCP checkpoint at full size, experts joined per parameter. The
+    checkpoint's checksums are verified first and unreadable shards are a CheckpointError naming
+    the file, as when training resumes (docs/reliability.md)."""
+    from mohge.train.checkpoint import DamagedCheckpoint, _last_line, verify_checkpoint
+
+    meta_file = Path(path) / "meta.json"
+    if meta_file.is_file():  # written by training (mohge-convert to-dcp writes none)
+        verify_checkpoint(Path(path), read_meta(Path(path)))
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        state = {
+            key: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.items()
+            if isinstance(meta, TensorStorageMetadata) and not key.startswith("optim/")
+        }
+        with quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # truncated or damaged shard (EOFError inside DCP's CheckpointException)
+        raise DamagedCheckpoint(f"{path}: a shard cannot be read ({type(err).__name__}: {_last_line(err)}); the "
+                                "checkpoint is damaged: use an earlier step") from err
     return join_experts(state)
 
 

@@ -658,3 +658,22 @@ def test_torchrun_job_with_a_stopped_rank_ends_by_itself(tmp_path):
     assert proc.returncode not in (0, None)
     assert "mohge watchdog: rank 0: no progress" in err, err[-3000:]
     assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_convert_and_eval_refuse_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
+    """mohge-convert (and everything that reads weights through it: mohge-eval, load_for_eval)
+    verifies checksums and names the damaged shard, as resuming does."""
+    from mohge.launch.convert import main as convert_main
+    from mohge.launch.load import load_for_eval
+
+    train(_cfg(tmp_path / "run", "train.steps=1"))
+    shard = next((tmp_path / "run" / "checkpoints" / "step_00000001").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mohge-convert: checkpoint error: ") and shard.name in err and "checksum mismatch" in err
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_for_eval(str(tmp_path / "run"))
