@@ -162,8 +162,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         chunks = windows(token_stream(args.data, tokenizer, args.text_key), seq_len, args.max_tokens)
         result = perplexity(model, chunks, args.batch_size, not args.no_progress, args.device)
     except (CheckpointError, DataError) as err:
-        print(f"mohge-eval: {err}", file=sys.stderr)
-        return 2
+        from mohge.train.errors import report
+
+        sys.stderr.write("\n" if not args.no_progress else "")  # end a progress bar's line first
+        return report("eval", err)
     result.update(checkpoint=args.checkpoint, data=args.data, seq_len=seq_len)
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['tokens']}")
     if args.json:

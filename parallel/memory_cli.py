@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from mohge.model.config import ConfigError
 from mohge.parallel.config import ACTIVATION_CHECKPOINT, ParallelConfig
@@ -93,8 +92,9 @@ def memory_main(args) -> int:
             report["fits"] = report["needed_bytes"] <= budget
             report["proposals"] = propose(cfg, budget)
     except ConfigError as err:
-        print(f"mohge-plan: {err}", file=sys.stderr)
-        return 2
+        from mohge.train.errors import report
+
+        return report("plan", err)
     if args.json:
         print(json.dumps({"config": args.config_name, "memory": report}, indent=1))
         return 0
