@@ -172,7 +172,8 @@ def test_cpu_commands_train_as_printed(tmp_path):
     tiny = next(c for c in readme if c.startswith("mohge-train --config-name tiny_mohge out_dir=runs/t"))
     _run(tmp_path, tiny)
     assert (tmp_path / "runs/t/metrics.jsonl").exists()
-    for command in [c for c in readme if c.startswith("mohge-convert")]:
+    # import-hf needs a transformers model folder: tests/test_hf_import.py runs it on tiny ones
+    for command in [c for c in readme if c.startswith("mohge-convert") and "import-hf" not in c]:
         _run(tmp_path, command)
     assert list((tmp_path / "export").glob("*.safetensors")) and (tmp_path / "runs/y").exists()
     cpu = next(c for c in readme if c.startswith("MOHGE_CPU=1"))
