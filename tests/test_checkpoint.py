@@ -17,6 +17,7 @@ from mohge.train.checkpoint import CheckpointError, find_latest, resolve_resume
 from mohge.train.hydra_config import compose_config
 from mohge.train.preemption import REQUEUE_EXIT_CODE
 from mohge.train.trainer import Trainer, train
+from nan_trainer import NanAt
 
 COMMON = ["data=synthetic", "logging.progress=false", "train.eval_every=0", "train.log_every=1"]
 
@@ -101,15 +102,6 @@ def test_checkpoint_from_before_new_model_fields_resumes(tmp_path):
 
 
 def test_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path):
-    class NanAt(Trainer):
-        bad_steps: set = set()
-
-        def forward_backward(self):
-            loss = super().forward_backward()
-            if self.step in self.bad_steps:
-                next(self.model.parameters()).grad.fill_(math.nan)
-            return loss
-
     NanAt.bad_steps = {1}
     trainer = NanAt(_cfg(tmp_path / "a", "train.steps=4"))
     before = [p.detach().clone() for p in trainer.model.parameters()]

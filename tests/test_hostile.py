@@ -20,6 +20,7 @@ from mohge.model.config import ConfigError
 from mohge.train.checkpoint import CheckpointError, DamagedCheckpoint, find_latest
 from mohge.train.hydra_config import compose_config
 from mohge.train.trainer import Trainer, train
+from nan_trainer import NanAt
 
 COMMON = ["data=synthetic", "logging.progress=false", "train.eval_every=0", "train.log_every=1"]
 
@@ -146,25 +147,13 @@ def test_async_save_writes_checksums_and_verifies(tmp_path):
 
 
 # ---- numerics ----------------------------------------------------------------------------
-class _NanAt(Trainer):
-    """Poisons the gradient of the listed (0-based) steps."""
-
-    bad_steps: set = set()
-
-    def forward_backward(self):
-        loss = super().forward_backward()
-        if self.step in self.bad_steps:
-            next(self.model.parameters()).grad.fill_(math.nan)
-        return loss
-
-
 def test_nonfinite_run_never_prunes_the_last_good_checkpoint(tmp_path):
     """every=1 keep=2 and 4 bad steps: the checkpoints saved during the bad run push step 2 out of
     the last two, but pruning keeps it, and the stop message names it truthfully."""
     from mohge.train.numerics import DivergenceError
 
-    _NanAt.bad_steps = {2, 3, 4, 5}
-    trainer = _NanAt(_cfg(tmp_path, "train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
+    NanAt.bad_steps = {2, 3, 4, 5}
+    trainer = NanAt(_cfg(tmp_path, "train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
                           "train.max_bad_steps=4"))
     with pytest.raises(DivergenceError, match="4 consecutive steps") as err:
         trainer.run()
