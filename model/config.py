@@ -13,7 +13,7 @@ from mohge.train.errors import ConfigError  # re-exported: defined in the one er
 
 TOPK_MODES = ("global", "per_group")
 COMBINE_MODES = ("renormalize", "authors")
-EXPERT_COMPUTE = ("auto", "loop", "grouped")
+EXPERT_COMPUTE = ("auto", "loop", "grouped", "ragged")
 ALLOCATIONS = ("all_size", "group_coupled")
 FFN_TYPES = ("dense", "mohge")
 ATTENTIONS = ("gqa", "mla")
@@ -55,7 +55,7 @@ class MoEConfig:
     intra_aux_coeff: float = 4e-3  # a_I of the intra-group experts auxiliary loss
     z_loss_coeff: float = 0.0  # router z-loss on the expert logits
     router_init_std: float = 0.02  # std of the router weights' normal init (group and expert gates)
-    expert_compute: str = "auto"  # "loop" (reference), "grouped" (permute + one GEMM per group), "auto"
+    expert_compute: str = "auto"  # "loop" (reference), "grouped" (padded, sync-free), "ragged" (exact), "auto"
     allocation: str = "all_size"  # expert placement over EP ranks: "all_size" | "group_coupled"
     capacity_factor: Optional[float] = None  # None: dropless
     # Where the balance losses count routed slots: "micro_batch" (each forward's own tokens),
@@ -140,7 +140,7 @@ class MoEConfig:
             f"{prefix}.expert_compute",
             f"must be one of {EXPERT_COMPUTE}",
         )
-        if self.expert_compute == "grouped":
+        if self.expert_compute in ("grouped", "ragged"):
             for i, g in enumerate(self.groups):
                 _require(
                     g.ffn_hidden_size % 8 == 0,

@@ -41,7 +41,4 @@ def init_module(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> tor
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
-    for m in module.modules():  # padded expert stacks keep their padding zero
-        if hasattr(m, "zero_padding_"):
-            m.zero_padding_()
     return module

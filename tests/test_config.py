@@ -16,8 +16,8 @@ def test_model_param_count_matches_config(preset):
     cfg = compose_config(preset)
     model = build_model(cfg.model, "meta")
     assert model.num_params() == cfg.model.num_params()
-    # The expert stacks are zero-padded to the widest group: count their real (unpadded) entries.
-    routed = sum(m.full_numel(p) for m in model.modules() if hasattr(m, "full_numel") for p in (m.w13, m.w2))
+    # Routed experts are stored unpadded: their parameters are exactly the real ones.
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert routed == cfg.model.num_routed_expert_params()
 
 

@@ -1,5 +1,6 @@
-"""The padded expert stack: grouped path == loop reference, padding stays zero, no host syncs,
-checkpoints of the per-group layout load."""
+"""Routed experts stored unpadded per group: every compute path (grouped: transient padded stacks,
+ragged: per-group GEMMs) == the loop reference, host syncs per path, zero-expert groups, and
+checkpoints of the per-group and of the fused-stack layouts load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from conftest import init_module, make_moe
 
 from mohge.model.config import ExpertGroupConfig
-from mohge.model.moe.experts import GroupedExperts, LoopExperts
+from mohge.model.moe.experts import EXPERT_CLASSES, LoopExperts
 from mohge.model.moe.layer import MoHGELayer, moe_layers
 from mohge.model.transformer import build_model
 from mohge.parallel.host_syncs import count_host_syncs
@@ -19,72 +20,87 @@ from mohge.train.hydra_config import compose_config
 
 D = 16
 GROUPS = [ExpertGroupConfig(3, 8), ExpertGroupConfig(2, 16), ExpertGroupConfig(3, 24)]
+PATHS = ["grouped", "ragged"]
 
 
-def _pair():
-    loop = init_module(LoopExperts(D, GROUPS), seed=3)
-    grouped = GroupedExperts(D, GROUPS)
-    grouped.load_state_dict(loop.state_dict())
-    return loop, grouped
+def _pair(compute, keep=None):
+    loop = LoopExperts(D, GROUPS)
+    other = EXPERT_CLASSES[compute](D, GROUPS)
+    if keep is not None:  # expert parallel's cut: only these global ids
+        loop.keep_local(keep), other.keep_local(keep)
+    init_module(loop, seed=3)
+    other.load_state_dict(loop.state_dict())
+    return loop, other
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("counts", [[5, 0, 7, 0, 0, 1, 9, 2], [0, 0, 0, 3, 4, 0, 0, 0], [2, 1, 1, 6, 1, 3, 3, 1]],
-                         ids=["zero_experts_and_zero_group", "one_group_only", "uneven"])
-def test_grouped_matches_loop_outputs_and_grads(dtype, counts):
-    loop, grouped = _pair()
-    loop.to(dtype), grouped.to(dtype)
+def _run_both(loop, other, counts, dtype):
+    loop.to(dtype), other.to(dtype)
     x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(4)).to(dtype)
     g = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(5)).to(dtype)
     results = []
-    for experts in (loop, grouped):
+    for experts in (loop, other):
         xi = x.clone().requires_grad_(True)
         out = experts(xi, torch.tensor(counts))
         (out * g).sum().backward()
-        results.append([out, xi.grad, experts.w13.grad, experts.w2.grad])
+        results.append([out, xi.grad] + [p.grad for p in experts.parameters()])
+    return results
+
+
+@pytest.mark.parametrize("compute", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[5, 0, 7, 0, 0, 1, 9, 2], [0, 0, 0, 3, 4, 0, 0, 0], [2, 1, 1, 6, 1, 3, 3, 1]],
+                         ids=["zero_experts_and_zero_group", "one_group_only", "uneven"])
+def test_path_matches_loop_outputs_and_all_grads(compute, dtype, counts):
+    loop, other = _pair(compute)
+    results = _run_both(loop, other, counts, dtype)
+    assert len(results[1]) == 2 + 3 * len(GROUPS)  # output, input grad, w1/w3/w2 of every group
     tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, b in zip(*results):
+        assert b is not None
         torch.testing.assert_close(a.float(), b.float(), **tol)
-    assert results[1][2].abs().sum() > 0
+    assert sum(float(t.abs().sum()) for t in results[1][2:]) > 0
 
 
-def test_stack_layout_and_checkpoint_views():
-    experts = init_module(GroupedExperts(D, GROUPS))
-    assert experts.w13.shape == (8, 48, D) and experts.w2.shape == (8, D, 24)
-    assert experts.full_numel(experts.w13) + experts.full_numel(experts.w2) == make_moe(
-        groups=GROUPS).routed_expert_params(D)
-    entries = experts.checkpoint_entries("layers.1.ffn.experts.w13", experts.w13.data)
-    entries.update(experts.checkpoint_entries("layers.1.ffn.experts.w2", experts.w2.data))
+@pytest.mark.parametrize("compute", PATHS)
+def test_group_with_no_local_expert(compute):
+    """Expert parallel may leave a group without local experts: zero-row tensors, skipped."""
+    loop, other = _pair(compute, keep=[0, 2, 5, 6])  # group 1 (ids 3, 4) not held here
+    assert [grp.w1.shape[0] for grp in other.groups] == [2, 0, 2]
+    assert [grp.expert_rows for grp in other.groups] == [[0, 2], [], [0, 1]]
+    for a, b in zip(*_run_both(loop, other, [3, 0, 4, 2], torch.float32)):
+        if a.numel() == 0 and b is None:  # ragged leaves the empty group out of the graph
+            continue
+        torch.testing.assert_close(a, b)
+
+
+def test_storage_is_unpadded_and_checkpoint_entries_are_row_views():
+    experts = init_module(EXPERT_CLASSES["grouped"](D, GROUPS))
+    shapes = {n: tuple(p.shape) for n, p in experts.named_parameters()}
+    assert shapes == {"groups.0.w1": (3, 8, D), "groups.0.w3": (3, 8, D), "groups.0.w2": (3, D, 8),
+                      "groups.1.w1": (2, 16, D), "groups.1.w3": (2, 16, D), "groups.1.w2": (2, D, 16),
+                      "groups.2.w1": (3, 24, D), "groups.2.w3": (3, 24, D), "groups.2.w2": (3, D, 24)}
+    assert sum(p.numel() for p in experts.parameters()) == make_moe(groups=GROUPS).routed_expert_params(D)
+    holder = torch.nn.Module()
+    holder.experts = experts
+    entries = model_entries(holder)
     assert len(entries) == 3 * 8
-    w3 = entries["layers.1.ffn.experts.groups.1.w3/expert/1"]  # local expert 4, width 16
-    assert w3.shape == (16, D) and w3.data_ptr() == experts.w13[4, 24].data_ptr()
-    assert entries["layers.1.ffn.experts.groups.2.w2/expert/0"].shape == (D, 24)
-    with torch.no_grad():  # entries write through to the stack
-        entries["layers.1.ffn.experts.groups.0.w1/expert/2"].fill_(7.0)
-    assert (experts.w13[2, :8] == 7.0).all() and (experts.w13[2, 8:24] == 0).all()
+    w3 = entries["experts.groups.1.w3/expert/1"]
+    assert w3.shape == (16, D) and w3.data_ptr() == experts.groups[1].w3[1].data_ptr()
+    assert entries["experts.groups.2.w2/expert/0"].shape == (D, 24)
+    with torch.no_grad():  # entries write through to the parameters
+        entries["experts.groups.0.w1/expert/2"].fill_(7.0)
+    assert (experts.groups[0].w1[2] == 7.0).all()
 
 
-def _padding_values(experts):
-    vals = []
+def test_padded_stacks_hold_every_expert_with_zero_padding():
+    experts = init_module(EXPERT_CLASSES["grouped"](D, GROUPS))
+    w13, w2 = experts.padded_stacks(torch.float32)
+    assert w13.shape == (8, 48, D) and w2.shape == (8, D, 24)
     for i in range(experts.num_experts):
         f, fm = experts.expert_width(i), experts.max_width
-        vals += [experts.w13[i, f:fm], experts.w13[i, fm + f:], experts.w2[i, :, f:]]
-    return torch.cat([v.flatten() for v in vals])
-
-
-def test_padding_gets_zero_gradients_and_stays_zero():
-    layer = init_module(MoHGELayer(D, make_moe(), "grouped"))
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
-    for step in range(2):
-        out = layer(torch.randn(2, 6, D, generator=torch.Generator().manual_seed(step)))
-        out.square().sum().backward()
-        grads = layer.experts.w13.grad.clone(), layer.experts.w2.grad.clone()
-        opt.step()
-        opt.zero_grad()
-    assert _padding_values(layer.experts).abs().max() == 0
-    experts = layer.experts
-    experts.w13.grad, experts.w2.grad = grads
-    assert _padding_values(experts).abs().max() == 0  # the padding's gradients are exact zeros
+        w1, w3, w2_i = experts.expert_weights(i)
+        assert torch.equal(w13[i, :f], w1) and torch.equal(w13[i, fm:fm + f], w3) and torch.equal(w2[i, :, :f], w2_i)
+        assert not w13[i, f:fm].any() and not w13[i, fm + f:].any() and not w2[i, :, f:].any()
 
 
 @pytest.mark.parametrize("mode, top_k", [("global", 3), ("per_group", 4)])
@@ -97,6 +113,15 @@ def test_layer_forward_backward_has_no_host_sync(mode, top_k, capacity):
         (out * torch.randn_like(out)).sum().backward()
     assert dict(syncs) == {}
     assert x.grad is not None and layer.router.group_gate.weight.grad is not None
+
+
+def test_ragged_path_syncs_once_per_layer():
+    layer = init_module(MoHGELayer(D, make_moe(), "ragged"))
+    x = torch.randn(2, 7, D, requires_grad=True)
+    with count_host_syncs() as syncs:
+        out = layer(x)
+        (out * torch.randn_like(out)).sum().backward()
+    assert dict(syncs) == {"Tensor.tolist": 1}
 
 
 def test_sync_counter_sees_syncs():
@@ -148,7 +173,6 @@ def test_per_group_layout_checkpoint_loads(tmp_path):
         if "/expert/" not in name:
             assert torch.equal(params[name], value), name
     lname, layer = next(moe_layers(model))
-    assert _padding_values(layer.experts).abs().max() == 0
     # Reference: each expert with the per-group tensors, tokens through a loop.
     x = torch.randn(10, cfg.d_model, generator=gen)
     counts = torch.randint(0, 4, (layer.experts.num_experts,), generator=gen)
@@ -160,6 +184,48 @@ def test_per_group_layout_checkpoint_loads(tmp_path):
         expected.append((F.silu(xe @ w["w1"].t()) * (xe @ w["w3"].t())) @ w["w2"].t())
         start += int(counts[i])
     torch.testing.assert_close(layer.experts(xs, counts), torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_stack_checkpoint_loads(tmp_path):
+    """A checkpoint written by the fused padded stacks (w13 [L, 2*Fm, D], w2 [L, D, Fm]; one entry
+    per expert as a view of the stack, as that layout's checkpoint_entries wrote them) loads, and
+    the layer computes what those stacks computed (padded GEMMs, written out here)."""
+    cfg = compose_config("tiny_mohge").model
+    source = build_model(cfg, "cpu")
+    source.init_weights(0)
+    gen = torch.Generator().manual_seed(2)
+    widths, sizes = [g.ffn_hidden_size for g in cfg.moe.groups], [g.num_experts for g in cfg.moe.groups]
+    ids, fm = [(g, r) for g, n in enumerate(sizes) for r in range(n)], max(widths)
+    saved, stacks = {}, {}
+    for name, p in source.named_parameters():
+        if ".experts." not in name:
+            saved[name] = p.detach().clone()
+    for lname, _ in moe_layers(source):
+        w13 = torch.zeros(len(ids), 2 * fm, cfg.d_model)
+        w2 = torch.zeros(len(ids), cfg.d_model, fm)
+        for i, (g, r) in enumerate(ids):
+            f = widths[g]
+            w13[i, :f], w13[i, fm:fm + f] = torch.randn(f, cfg.d_model, generator=gen), torch.randn(
+                f, cfg.d_model, generator=gen)
+            w2[i, :, :f] = torch.randn(cfg.d_model, f, generator=gen)
+            prefix = f"{lname}.experts.groups.{g}"
+            saved.update({f"{prefix}.w1/expert/{r}": w13[i, :f], f"{prefix}.w3/expert/{r}": w13[i, fm:fm + f],
+                          f"{prefix}.w2/expert/{r}": w2[i, :, :f]})
+        stacks[lname] = (w13, w2)
+    with quiet_single_process():
+        dcp.save(saved, checkpoint_id=str(tmp_path))
+    model = build_model(cfg, "cpu", expert_compute="ragged")
+    model.init_weights(5)
+    with quiet_single_process():
+        dcp.load(model_entries(model), checkpoint_id=str(tmp_path))
+    lname, layer = next(moe_layers(model))
+    w13, w2 = stacks[lname]
+    counts = torch.tensor([1, 0, 2, 3] * (len(ids) // 4) + [1] * (len(ids) % 4))
+    x = torch.randn(int(counts.sum()), cfg.d_model, generator=gen)
+    offs = counts.cumsum(0).to(torch.int32)  # the fused layout's computation on its own stacks
+    gate, up = F.grouped_mm(x, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    expected = F.grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offs)
+    torch.testing.assert_close(layer.experts(x, counts), expected, rtol=1e-5, atol=1e-5)
 
 
 def _ep_worker(rank, world, moe):

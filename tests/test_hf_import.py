@@ -65,7 +65,7 @@ def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
                          "--upcycle-experts", "4", "--upcycle-top-k", "2"]) == 0
     model = _training_model(tmp_path / "run")
     experts = model.layers["0"].ffn.experts
-    w1_first, w1_last = experts.expert_views(experts.w13, experts.w2, 0)[0], experts.expert_views(experts.w13, experts.w2, 3)[0]
+    w1_first, w1_last = experts.expert_weights(0)[0], experts.expert_weights(3)[0]
     assert experts.num_experts == 4 and w1_first.shape == (40, 32) and torch.equal(w1_first, w1_last)
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -42,19 +42,18 @@ def test_expert_rows_get_their_rows_of_the_whole_tensor(tiny_cfg):
     stacks = [layer.experts for _, layer in moe_layers(model)]
     real_expert_elements = sum(3 * d * s.widths[g] for s in stacks for g, _ in s.expert_ids)
     dense = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
-    assert generated == dense + real_expert_elements < cfg.num_params()  # padding is not generated
+    assert generated == dense + real_expert_elements < cfg.num_params()
     experts = model.layers["1"].ffn.experts
-    assert experts.expert_rows and len(experts.expert_ids) < experts.full_num_experts
+    assert len(experts.expert_ids) < sum(experts.full_group_sizes)
+    assert [grp.expert_rows for grp in experts.groups] == [
+        [r for gi, r in experts.expert_ids if gi == g] for g in range(len(experts.groups))]
     for i, (g, r) in enumerate(experts.expert_ids):  # each expert = its rows of the per-group tensors
         n, f = experts.full_group_sizes[g], experts.widths[g]
-        w1, w3, w2 = experts.expert_views(experts.w13, experts.w2, i)
+        w1, w3, w2 = experts.expert_weights(i)
         for part, got in (("w1", w1), ("w3", w3)):
             whole = initial_value(f"layers.1.ffn.experts.groups.{g}.{part}", (n, f, d), cfg, 5)
             assert torch.equal(got, whole[r])
         assert torch.equal(w2, initial_value(f"layers.1.ffn.experts.groups.{g}.w2", (n, d, f), cfg, 5)[r])
-    w13, w2 = experts.w13.clone(), experts.w2.clone()
-    experts.zero_padding_()
-    assert torch.equal(w13, experts.w13) and torch.equal(w2, experts.w2)  # the padding was zero
 
 
 def _generated_on_meta(overrides: list[str], world: int, rank: int) -> tuple[int, int]:

@@ -33,7 +33,7 @@ def test_init_value_depends_only_on_name_and_seed():
     w1 = initial_value("layers.1.ffn.experts.groups.2.w1", (n, f, cfg.d_model), cfg, 3)
     first = experts.expert_ids.index((2, 0))
     for r in range(n):
-        assert torch.equal(experts.expert_views(experts.w13, experts.w2, first + r)[0], w1[r])
+        assert torch.equal(experts.expert_weights(first + r)[0], w1[r])
 
 
 def test_forward_shapes_and_causality():

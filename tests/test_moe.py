@@ -147,20 +147,20 @@ def _reference_topk_moe(x_TD, gate_w, w1, w3, w2, k):
     return out
 
 
-@pytest.mark.parametrize("compute", ["loop", "grouped"])
+@pytest.mark.parametrize("compute", ["loop", "grouped", "ragged"])
 def test_one_group_equals_homogeneous_topk_moe(compute):
     moe, layer = _layer(compute, groups=[ExpertGroupConfig(6, 8)], k_group=1, top_k=2)
     layer.eval()
     x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(6))
-    w13, w2 = layer.experts.w13, layer.experts.w2  # one group: the stack has no padding
-    expected = _reference_topk_moe(x.reshape(-1, D), layer.router.expert_gate.weight, w13[:, :8], w13[:, 8:], w2, 2)
+    grp = layer.experts.groups[0]
+    expected = _reference_topk_moe(x.reshape(-1, D), layer.router.expert_gate.weight, grp.w1, grp.w3, grp.w2, 2)
     torch.testing.assert_close(layer(x).reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_expert_equals_dense_swiglu():
     moe, layer = _layer(groups=[ExpertGroupConfig(1, 10)], k_group=1, top_k=1)
     dense = FeedForward(D, 10)
-    w1, w3, w2 = layer.experts.expert_views(layer.experts.w13, layer.experts.w2, 0)
+    w1, w3, w2 = layer.experts.expert_weights(0)
     with torch.no_grad():
         dense.w1.weight.copy_(w1)
         dense.w3.weight.copy_(w3)

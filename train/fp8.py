@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mohge.model.config import ConfigError
-from mohge.model.moe.experts import GroupedExperts, LoopExperts
+from mohge.model.moe.experts import GroupedExperts, LoopExperts, RaggedExperts
 
 EXCLUDED = ("router.", "output")
 
@@ -49,13 +49,13 @@ def apply_fp8_experts(model: nn.Module) -> int:
                           f"({err}); pip install 'mohge[torchao]' or set train.fp8_experts=false") from err
     converted = 0
     for name, module in model.named_modules():
-        if isinstance(module, LoopExperts):
+        if isinstance(module, (LoopExperts, RaggedExperts)):
             raise ConfigError("train.fp8_experts: needs model.moe.expert_compute=grouped (or auto on CUDA), "
-                              f"but {name} uses the per-expert loop")
+                              f"but {name} uses {type(module).__name__}")
         if not isinstance(module, GroupedExperts):
             continue
         d_model = module.d_model
-        for width in module.widths:  # the padded stack is aligned when every width is
+        for width in module.widths:  # the transient padded stacks are aligned when every width is
             if width % FP8_ALIGN or d_model % FP8_ALIGN:
                 raise ConfigError(f"train.fp8_experts: {name} has ffn_hidden_size {width} and d_model {d_model}; "
                                   f"float8 grouped GEMMs need multiples of {FP8_ALIGN} "

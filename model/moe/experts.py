@@ -1,37 +1,32 @@
-"""Routed experts: every local expert of a layer, of every width, in one zero-padded stack.
+"""Routed experts: stored unpadded per size group; one interface, three ways to compute them.
 
 Shape legend: S rows after dispatch (sorted by local expert), D model dim, L local experts (all
-groups, group-major, ascending global id), Fm the widest group's ffn width (of the whole model,
-not only of the experts held here), F an expert's own width.
+groups, group-major, ascending global id), n a group's local experts, F a group's ffn width, Fm
+the widest group's width (of the whole model, not only of the experts held here).
 
-Weight layout (the only two expert tensors of a layer):
-    w13 [L, 2*Fm, D]  gate and up fused: rows [0, F) are expert l's w1 (gate), rows
-                      [Fm, Fm + F) its w3 (up); every other row is zero.
-    w2  [L, D, Fm]    down: columns [0, F) are expert l's w2; every other column is zero.
-Dim 0 (one expert per row) is the dim to shard (expert parallel keeps a subset of rows, FSDP may
-split dim 0); never split dims 1/2, which mix real and padding entries.
+Storage (the only expert parameters of a layer; exact sizes, no padding):
+    groups.<g>.w1 [n, F, D]  gate     groups.<g>.w3 [n, F, D]  up     groups.<g>.w2 [n, D, F]  down
+These are the per-group tensors under whose names initial values are drawn, and each row is one
+checkpoint entry (`...experts.groups.<g>.w1/expert/<r>`, r the expert's row in the whole group),
+so checkpoints of every earlier layout (per-group, fused padded stacks) load unchanged and
+`mohge-convert` is untouched. Under expert parallel a group keeps the rows (`expert_rows`) of the
+experts placed on the rank; a group with no local expert keeps zero-row tensors. Data parallel
+shards every expert tensor along D (parallel/data_parallel.py expert_shard_dim).
 
-Why padding: SwiGLU with zero gate/up rows gives h = silu(0) * 0 = 0 on the padding, so padded
-experts compute exactly the unpadded ones, and the padding's gradients are exactly zero (AdamW
-and weight decay keep zeros zero), so the padding stays zero through training. The stack is one
-uniform 3-D tensor, so the whole layer is one grouped GEMM per projection (w13, then w2) whatever
-the number of groups, shapes are static, and offsets stay on the device: no host sync. The price
-is compute and memory on the padding (Fm / mean width, 1.54x for widths 384..1280). Measured
-alternatives (docs/performance.md): per-group grouped GEMMs (G launches, exact) and sub-experts of
-width gcd(widths) with rows replicated per sub-expert (exact FLOPs, 3-4x slower on CPU).
-
-Checkpoints keep one entry per expert under the old names (`...experts.groups.<g>.w1/expert/<r>`,
-shape [F, D]; w3 alike; w2 [D, F]): `checkpoint_entries` maps them onto views of the stack, and
-initial values are drawn under those same names, so checkpoints and runs from before this layout
-load and start identically.
-
-`LoopExperts` is the readable reference (one matmul chain per expert on the unpadded views);
-`GroupedExperts` is the fast path. Both hold the same parameters.
+Compute paths (`model.moe.expert_compute`; docs/performance.md has the measurements):
+- `loop` (LoopExperts): the reference, one matmul chain per expert; one host sync per layer.
+- `grouped` (GroupedExperts): builds, in forward, the zero-padded stacks w13 [L, 2*Fm, D] (gate
+  rows [0, F), up rows [Fm, Fm + F)) and w2 [L, D, Fm] from the per-group tensors (a transient,
+  like FSDP's gathered weights; autograd slices the gradients back), then one grouped GEMM per
+  projection for every width. SwiGLU with zero gate/up rows gives exactly zero on the padding, so
+  it computes the unpadded experts exactly. Static shapes, offsets on the device: no host sync at
+  ep=1; compute is padded (Fm / mean width).
+- `ragged` (RaggedExperts): per group, grouped GEMMs on the unpadded tensors (gate, up, down: 3
+  per group): exact FLOPs, no weight copies, but it reads the G + 1 group row boundaries on the
+  host (one sync per layer) and launches 3 G GEMMs.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +80,40 @@ def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.
     return _grouped_mm_op(x, w_t, offs)
 
 
+class ExpertGroup(nn.Module):
+    """One size group's local experts, unpadded: w1, w3 [n, F, D] and w2 [n, D, F].
+
+    `expert_rows` (set by expert parallel) are the rows of the whole group's [N, ...] tensors held
+    here, `full_num_experts` is N: model/init.py draws initial values and train/checkpoint.py
+    names entries from them (None: all N rows)."""
+
+    def __init__(self, num_experts: int, width: int, d_model: int):
+        super().__init__()
+        self.width = width
+        self.w1 = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, width))
+        self.expert_rows: list[int] | None = None
+        self.full_num_experts = num_experts
+
+    @property
+    def num_local(self) -> int:
+        return self.w1.shape[0]
+
+    def checkpoint_entries(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One entry per expert, `<name>/expert/<row in the whole group>`, a view of its row of
+        `tensor` (a parameter or an optimizer state shaped like it), so loading writes through."""
+        rows = self.expert_rows if self.expert_rows is not None else range(tensor.shape[0])
+        return {f"{name}/expert/{r}": tensor[i] for i, r in enumerate(rows)}
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keeps only these rows of the group (expert parallel, on meta)."""
+        self.expert_rows = list(rows)
+        for name in ("w1", "w3", "w2"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.new_empty((len(rows), *full.shape[1:]))))
+
+
 class RoutedExperts(nn.Module):
     """All routed experts of a layer held by this process (see the module docstring)."""
 
@@ -93,109 +122,58 @@ class RoutedExperts(nn.Module):
         self.d_model = d_model
         self.widths = [g.ffn_hidden_size for g in groups]
         self.max_width = max(self.widths)
-        # (group, row within the group) of every local expert, and its global id.
-        self.expert_ids = [(g, r) for g, grp in enumerate(groups) for r in range(grp.num_experts)]
         self.full_group_sizes = [g.num_experts for g in groups]
-        num = len(self.expert_ids)
-        self.w13 = nn.Parameter(torch.empty(num, 2 * self.max_width, d_model))
-        self.w2 = nn.Parameter(torch.empty(num, d_model, self.max_width))
-        self.expert_rows: list[int] | None = None  # set by expert parallel: global ids held here
-        self.full_num_experts = num
+        self.groups = nn.ModuleList(ExpertGroup(g.num_experts, g.ffn_hidden_size, d_model) for g in groups)
+        # (group, row within the whole group) of every local expert, in the order tokens arrive.
+        self.expert_ids = [(g, r) for g, n in enumerate(self.full_group_sizes) for r in range(n)]
 
     @property
     def num_experts(self) -> int:
-        return self.w13.shape[0]
+        return len(self.expert_ids)
 
     def local_counts(self) -> list[int]:
         """Local experts per group."""
-        return [sum(1 for g, _ in self.expert_ids if g == gi) for gi in range(len(self.widths))]
+        return [grp.num_local for grp in self.groups]
 
     def expert_width(self, i: int) -> int:
         return self.widths[self.expert_ids[i][0]]
 
-    def expert_views(self, w13: torch.Tensor, w2: torch.Tensor, i: int):
-        """(w1 [F, D], w3 [F, D], w2 [D, F]) of local expert i: views of the stacks (no padding)."""
-        f, fm = self.expert_width(i), self.max_width
-        return w13[i, :f], w13[i, fm : fm + f], w2[i, :, :f]
+    def expert_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [F, D], w3 [F, D], w2 [D, F]) of local expert i: views of its group's tensors."""
+        g, r = self.expert_ids[i]
+        grp = self.groups[g]
+        j = r if grp.expert_rows is None else grp.expert_rows.index(r)
+        return grp.w1[j], grp.w3[j], grp.w2[j]
 
-    # ---- layout hooks: expert parallel, initialisation, checkpoints ------------------------
     def keep_local(self, global_ids: list[int]) -> None:
-        """Keeps only these experts (global ids, ascending): expert parallel, on meta."""
+        """Keeps only these experts (global ids, ascending, group-major): expert parallel, on meta."""
         all_ids = [(g, r) for g, n in enumerate(self.full_group_sizes) for r in range(n)]
         self.expert_ids = [all_ids[e] for e in global_ids]
-        self.expert_rows = list(global_ids)
-        self.full_num_experts = len(all_ids)
-        for name in ("w13", "w2"):
-            full = getattr(self, name)
-            setattr(self, name, nn.Parameter(full.new_empty((len(global_ids), *full.shape[1:]))))
+        for g, grp in enumerate(self.groups):
+            grp.keep_rows([r for gi, r in self.expert_ids if gi == g])
 
-    def init_experts(self, name: str, param: torch.Tensor, fill: Callable) -> int:
-        """Fills this process's part of stack `name` (w13 or w2; a plain tensor or an FSDP shard)
-        expert by expert: each real block is drawn as rows of the per-group tensor it would be in
-        the per-group layout (`fill(name, whole_shape, out, vectors)`, mohge.model.init), so every
-        layout starts from the same values; padding is zero. Returns the elements generated."""
-        from mohge.model.init import global_index_vectors
-
-        prefix, p_name = name.rsplit(".", 1)
-        local = param.to_local() if hasattr(param, "device_mesh") else param
-        local.zero_()
-        if local.numel() == 0:
-            return 0
-        rows_L, mid, last = global_index_vectors(param, None)  # local expert, dim 1, dim 2 indices
-        fm, generated = self.max_width, 0
-        for pos, i in enumerate(rows_L.tolist()):
-            g, r = self.expert_ids[i]
-            n, f = self.full_group_sizes[g], self.widths[g]
-            if p_name == "w13":  # [2Fm, D]: w1 rows 0..f, w3 rows fm..fm+f
-                parts = [("w1", mid, 0, (n, f, self.d_model)), ("w3", mid, fm, (n, f, self.d_model))]
-            else:  # [D, Fm]: w2 columns 0..f
-                parts = [("w2", last, 0, (n, self.d_model, f))]
-            for part, along, start, whole in parts:
-                sel = ((along >= start) & (along < start + f)).nonzero().squeeze(1)
-                if not sel.numel():
-                    continue
-                index = along[sel] - start
-                if p_name == "w13":
-                    vectors, out = [torch.tensor([r]), index, last], local.new_empty(1, sel.numel(), last.numel())
-                    generated += fill(f"{prefix}.groups.{g}.{part}", whole, out, vectors)
-                    local[pos].index_copy_(0, sel.to(local.device), out[0])
-                else:
-                    vectors, out = [torch.tensor([r]), mid, index], local.new_empty(1, mid.numel(), sel.numel())
-                    generated += fill(f"{prefix}.groups.{g}.{part}", whole, out, vectors)
-                    local[pos].index_copy_(1, sel.to(local.device), out[0])
-        return generated
-
-    @torch.no_grad()
-    def zero_padding_(self) -> None:
-        """Zeroes the padding of both stacks (after filling them by hand, e.g. in tests)."""
-        for i in range(self.num_experts):
-            f, fm = self.expert_width(i), self.max_width
-            self.w13[i, f:fm].zero_()
-            self.w13[i, fm + f :].zero_()
-            self.w2[i, :, f:].zero_()
-
-    def full_numel(self, param: torch.Tensor) -> int:
-        """Real (unpadded) parameters of the whole model's stack `param` (w13 or w2)."""
-        per_row = 2 if param.shape[1] == 2 * self.max_width else 1
-        return per_row * self.d_model * sum(n * f for n, f in zip(self.full_group_sizes, self.widths))
-
-    def checkpoint_entries(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One entry per expert under the per-group names, as views of `tensor` (w13, w2 or an
-        optimizer state shaped like them), so loading writes through."""
-        prefix, p_name = name.rsplit(".", 1)
-        entries = {}
-        for i, (g, r) in enumerate(self.expert_ids):
-            w1, w3, w2 = self.expert_views(tensor, tensor, i)
-            if p_name == "w13":
-                entries[f"{prefix}.groups.{g}.w1/expert/{r}"] = w1
-                entries[f"{prefix}.groups.{g}.w3/expert/{r}"] = w3
-            else:
-                entries[f"{prefix}.groups.{g}.w2/expert/{r}"] = w2
-        return entries
+    def padded_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transient zero-padded stacks w13 [L, 2*Fm, D] and w2 [L, D, Fm] of the local experts
+        (cast to `dtype` first, so the copy is in the compute dtype)."""
+        fm, w13s, w2s = self.max_width, [], []
+        for grp in self.groups:  # zero-row groups too: their (empty) gradients stay defined
+            pad = fm - grp.width
+            w1, w3, w2 = grp.w1.to(dtype), grp.w3.to(dtype), grp.w2.to(dtype)
+            if pad:
+                w1, w3, w2 = F.pad(w1, (0, 0, 0, pad)), F.pad(w3, (0, 0, 0, pad)), F.pad(w2, (0, pad))
+            w13s.append(torch.cat([w1, w3], dim=1))
+            w2s.append(w2)
+        return torch.cat(w13s), torch.cat(w2s)
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         """x_SD holds tokens_per_expert_L[l] rows for local expert l, in expert order."""
         raise NotImplementedError
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """grouped_mm is not covered by autocast: the autocast dtype (bf16) by hand, else x's dtype."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 class LoopExperts(RoutedExperts):
@@ -205,16 +183,18 @@ class LoopExperts(RoutedExperts):
         counts = tokens_per_expert_L.tolist()
         outs, start = [], 0
         for i, n in enumerate(counts):
-            w1, w3, w2 = self.expert_views(self.w13, self.w2, i)
+            w1, w3, w2 = self.expert_weights(i)
             x = x_SD[start : start + n]
             outs.append((F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t())
             start += n
         # Still touch the weights so every parameter is part of the graph.
-        return torch.cat(outs, dim=0) + 0.0 * (self.w13.sum() + self.w2.sum())
+        touch = sum(p.sum() for p in self.parameters())
+        return torch.cat(outs, dim=0) + 0.0 * touch
 
 
 class GroupedExperts(RoutedExperts):
-    """The whole layer as one grouped GEMM per projection: x @ w13 -> silu(gate) * up -> @ w2.
+    """The whole layer as one grouped GEMM per projection on the transient padded stacks:
+    x @ w13 -> silu(gate) * up -> @ w2.
 
     `gemm(x, w_t, offs)` is the kernel (`grouped_mm`; FP8 training swaps in a float8 one from
     outside, see mohge.train.fp8) and `align` the row count each expert's segment must be a
@@ -230,18 +210,44 @@ class GroupedExperts(RoutedExperts):
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         if self.num_experts == 0:
             return x_SD * 0.0
-        # grouped_mm is not covered by autocast: cast to the autocast dtype (bf16) by hand.
-        device_type = x_SD.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_SD.dtype
+        dtype = _compute_dtype(x_SD)
         x_SD = x_SD.to(dtype)
         rows = None
         if self.align > 1:
             x_SD, tokens_per_expert_L, rows = pad_segments(x_SD, tokens_per_expert_L.tolist(), self.align)
         offs = tokens_per_expert_L.cumsum(0).to(torch.int32)  # on the device: no sync
-        h = self.gemm(x_SD, self.w13.to(dtype).transpose(-2, -1), offs)
+        w13, w2 = self.padded_stacks(dtype)
+        h = self.gemm(x_SD, w13.transpose(-2, -1), offs)
         gate, up = h.chunk(2, dim=-1)
-        out = self.gemm(F.silu(gate) * up, self.w2.to(dtype).transpose(-2, -1), offs)
+        out = self.gemm(F.silu(gate) * up, w2.transpose(-2, -1), offs)
         return out if rows is None else out[rows]
+
+
+class RaggedExperts(RoutedExperts):
+    """Exact FLOPs: per group, grouped GEMMs (gate, up, down) on its unpadded tensors over the
+    group's rows. The group boundaries are read on the host: one sync per layer, 3 G GEMMs."""
+
+    def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
+        if self.num_experts == 0:
+            return x_SD * 0.0
+        dtype = _compute_dtype(x_SD)
+        x_SD = x_SD.to(dtype)
+        local = self.local_counts()
+        ends = torch.tensor([0, *local]).cumsum(0).to(x_SD.device)
+        cum = F.pad(tokens_per_expert_L.cumsum(0), (1, 0))
+        bounds = cum[ends].tolist()  # first row of every group, and S: the one host sync
+        outs, first = [], 0
+        for g, grp in enumerate(self.groups):
+            n = local[g]
+            if n == 0:
+                continue
+            x = x_SD[bounds[g] : bounds[g + 1]]
+            offs = tokens_per_expert_L[first : first + n].cumsum(0).to(torch.int32)
+            first += n
+            gate = grouped_mm(x, grp.w1.to(dtype).transpose(-2, -1), offs)
+            up = grouped_mm(x, grp.w3.to(dtype).transpose(-2, -1), offs)
+            outs.append(grouped_mm(F.silu(gate) * up, grp.w2.to(dtype).transpose(-2, -1), offs))
+        return torch.cat(outs, dim=0)
 
 
 def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,7 +264,7 @@ def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[tor
     return out, torch.tensor(padded, device=x_SD.device), rows
 
 
-EXPERT_CLASSES = {"loop": LoopExperts, "grouped": GroupedExperts}
+EXPERT_CLASSES = {"loop": LoopExperts, "grouped": GroupedExperts, "ragged": RaggedExperts}
 
 
 def build_experts(d_model: int, groups: list[ExpertGroupConfig], compute: str = "loop") -> RoutedExperts:
