@@ -90,12 +90,10 @@ def test_mohge_3b_rank_generates_its_share(dp_shard, rank):
     model = compose_config("mohge_3b").model
     experts = sum(3 * model.d_model * g.ffn_hidden_size * g.num_experts for g in model.moe.groups) * model.num_moe_layers
     dense = model.num_params() - experts
-    # The planner counts what the rank allocates (the fused expert stacks' zero padding included);
-    # init generates every dense element it holds and only the real (unpadded) expert elements.
+    # Experts are stored unpadded: init generates exactly the elements the planner counts.
+    assert generated == planned.param_elems
     dense_held = planned.param_elems - planned.expert_elems
-    generated_experts = generated - dense_held
-    assert 0 < generated_experts <= experts / 8 / (dp_shard // 8)
-    assert generated_experts < planned.expert_elems  # the padding is not generated
+    assert 0 < planned.expert_elems <= experts / 8 / (dp_shard // 8)
     assert dense_held <= dense / dp_shard * 1.01
     assert generated < model.num_params() / dp_shard * 1.01
 
