@@ -4,9 +4,10 @@ compiled, in one run with the same shapes. Prints a table and writes JSON.
 
 Per case: tokens/s (median of timed repeats), GEMM and total ops per layer (torch.profiler: ops as
 issued from Python and autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
-tensors the step allocates. Expert paths: `grouped` (the padded stack, one grouped GEMM per
-projection), `per_group` (the previous path, rebuilt here as the baseline: one grouped GEMM per
-size group and projection, counts read to the host) and `loop` (reference).
+tensors the step allocates. Expert paths (model/moe/experts.py; weights stored unpadded per
+group in all): `grouped` (padded stacks built in forward, one grouped GEMM per projection, no
+sync), `ragged` (grouped GEMMs per size group on the unpadded tensors, exact FLOPs, one sync) and
+`loop` (reference, one matmul chain per expert).
 
     python bench/bench_moe.py [--device cpu|cuda] [--out bench_moe.json] [--quick]
 """
@@ -27,32 +28,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.layers import rope_cache
 from mohge.model.loss import chunked_linear_cross_entropy
-from mohge.model.moe.experts import EXPERT_CLASSES, RoutedExperts, grouped_mm
+from mohge.model.moe.experts import EXPERT_CLASSES
 from mohge.model.moe.layer import MoHGELayer
 from mohge.model.transformer import TransformerBlock
 from mohge.parallel.host_syncs import count_host_syncs
 
 
-class PerGroupExperts(RoutedExperts):
-    """The previous path (baseline): per size group one grouped GEMM per projection over that
-    group's slice of the stack, with the counts read back to the host to slice."""
-
-    def forward(self, x_SD, tokens_per_expert_L):
-        counts = tokens_per_expert_L.tolist()
-        outs, tok, first = [], 0, 0
-        for n_local, f in zip(self.local_counts(), self.widths):
-            sl = slice(first, first + n_local)
-            n = sum(counts[sl])
-            offs = torch.tensor(counts[sl], device=x_SD.device).cumsum(0).to(torch.int32)
-            x = x_SD[tok: tok + n]
-            w1, w3 = self.w13[sl, :f], self.w13[sl, self.max_width: self.max_width + f]
-            h = F.silu(grouped_mm(x, w1.transpose(-2, -1), offs)) * grouped_mm(x, w3.transpose(-2, -1), offs)
-            outs.append(grouped_mm(h, self.w2[sl, :, :f].transpose(-2, -1), offs))
-            tok, first = tok + n, first + n_local
-        return torch.cat(outs)
-
-
-CLASSES = {**EXPERT_CLASSES, "per_group": PerGroupExperts}
+CLASSES = EXPERT_CLASSES
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "mohge::grouped_mm",
          "mohge::grouped_mm_weight_grad")
 
@@ -108,7 +90,6 @@ def build(kind: str, moe: MoEConfig, d_model: int, compute: str, device: str):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        layer.experts.zero_padding_()
     return module.to(device)
 
 
@@ -239,7 +220,8 @@ def main(argv=None) -> int:
     scale = 1024 // d_model
     seq = min(tokens, 256 if not cuda else 2048)
     torch.manual_seed(0)
-    cases = [("layer", "per_group", False), ("layer", "grouped", False), ("block", "grouped", False)]
+    cases = [("layer", "loop", False), ("layer", "ragged", False), ("layer", "grouped", False),
+             ("block", "ragged", False), ("block", "grouped", False)]
     if not args.no_compile:
         cases += [("layer", "grouped", True), ("block", "grouped", True)]
     rows = []
