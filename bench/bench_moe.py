@@ -2,7 +2,8 @@
 like bench_gpu.py) against the homogeneous MoE with the same activated parameters, eager and
 compiled, in one run with the same shapes. Prints a table and writes JSON.
 
-Per case: tokens/s (median of timed repeats), GEMM and total ops per layer (torch.profiler: ops as
+Per case: tokens/s (median of timed repeats), the process's CPU time per step (median; on a
+shared CPU far steadier than wall time, since time sliced to other processes is not counted), GEMM and total ops per layer (torch.profiler: ops as
 issued from Python and autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
 tensors the step allocates. Expert paths (model/moe/experts.py; weights stored unpadded per
 group in all): `grouped` (padded stacks built in forward, one grouped GEMM per projection, no
@@ -113,12 +114,13 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
     step()
     sync()
     compile_s = time.perf_counter() - compile_s
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     syncs, peak_mb = None, None  # dispatch modes cannot run under torch.compile: eager rows only
     if not compiled:
         with count_host_syncs() as counted:
@@ -156,7 +158,8 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         ops = len(issued)
     seconds = statistics.median(times)
     return {"module": kind, "model": model, "experts": compute, "compiled": compiled,
-            "tokens_per_s": tokens / seconds, "ms": seconds * 1e3, "gemm_ops": gemm, "ops": ops,
+            "tokens_per_s": tokens / seconds, "ms": seconds * 1e3,
+            "cpu_ms": statistics.median(cpu_times) * 1e3, "gemm_ops": gemm, "ops": ops,
             "host_syncs": syncs, "peak_mb": peak_mb, "first_call_s": compile_s}
 
 
@@ -210,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--loss-tokens", type=int, default=2048)
     p.add_argument("--loss-chunk", type=int, default=512)
     p.add_argument("--only-loss", action="store_true", help="only the output projection + CE rows")
+    p.add_argument("--no-loss", action="store_true", help="skip the output projection + CE rows")
+    p.add_argument("--modules", default="layer,block", help="comma list of layer, block")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -229,6 +234,7 @@ def main(argv=None) -> int:
         cases = []
     if args.only_compiled:
         cases = [c for c in cases if c[2]]
+    cases = [c for c in cases if c[0] in args.modules.split(",")]
     for kind, compute, compiled in cases:
         for model, moe in configs(d_model, scale).items():
             rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
@@ -237,17 +243,20 @@ def main(argv=None) -> int:
     for r in rows:
         base = by[(r["module"], r["experts"], r["compiled"], "moe")]
         r["vs_moe"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["vs_moe_cpu"] = base["cpu_ms"] / r["cpu_ms"]
     head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
-            f"{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
+            f"{'cpu ms':>9}{'vs moe':>8}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
     print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}")
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
               f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
-    losses = loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk, args.device, repeats)
-    print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
-    print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
+    losses = [] if args.no_loss else loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk,
+                                                args.device, repeats)
+    if losses:
+        print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
+        print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
     for r in losses:
         print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
     report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats,

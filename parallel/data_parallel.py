@@ -22,10 +22,10 @@ def fsdp_shard_dim(name: str, ndim: int) -> int:
 
 def expert_shard_dim(name: str, ndim: int) -> int:
     """Dimension a routed-expert tensor shards along: the model dimension D. It is the input dim
-    of the up projections ([..., F, D]: w1, w3, a fused w13) and the output dim of the down
-    projection ([..., D, F]: w2), in every expert layout: never the expert (or row-segment) dim,
-    never a width dim that per-expert views slice or that holds padding. So every expert's
-    checkpoint view of the local shard stays a view."""
+    of the up projections (`groups.<g>.w1`, `w3` [n, F, D]) and the output dim of the down
+    projection (`w2` [n, D, F]): never the expert dim, which may hold 0 or an odd number of rows
+    under expert parallel (D shards evenly whatever the counts), and every expert's checkpoint
+    view (one row) of the local shard stays a view."""
     if ndim == 1:
         return 0
     return ndim - 2 if name.rsplit(".", 1)[-1].startswith("w2") else ndim - 1

@@ -140,10 +140,14 @@ class RoutedExperts(nn.Module):
 
     def expert_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1 [F, D], w3 [F, D], w2 [D, F]) of local expert i: views of its group's tensors."""
-        g, r = self.expert_ids[i]
-        grp = self.groups[g]
-        j = r if grp.expert_rows is None else grp.expert_rows.index(r)
+        grp, j = self.groups[self.expert_ids[i][0]], self.local_row(i)
         return grp.w1[j], grp.w3[j], grp.w2[j]
+
+    def local_row(self, i: int) -> int:
+        """Row of local expert i in its group's local tensors."""
+        g, r = self.expert_ids[i]
+        rows = self.groups[g].expert_rows
+        return r if rows is None else rows.index(r)
 
     def keep_local(self, global_ids: list[int]) -> None:
         """Keeps only these experts (global ids, ascending, group-major): expert parallel, on meta."""
@@ -181,9 +185,12 @@ class LoopExperts(RoutedExperts):
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         counts = tokens_per_expert_L.tolist()
+        # One unbind per tensor (its backward stacks the rows' gradients once; indexing per expert
+        # would build a whole-tensor gradient per expert).
+        rows = [list(zip(grp.w1.unbind(0), grp.w3.unbind(0), grp.w2.unbind(0))) for grp in self.groups]
         outs, start = [], 0
         for i, n in enumerate(counts):
-            w1, w3, w2 = self.expert_weights(i)
+            w1, w3, w2 = rows[self.expert_ids[i][0]][self.local_row(i)]
             x = x_SD[start : start + n]
             outs.append((F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t())
             start += n
