@@ -66,10 +66,15 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def resolve_expert_compute(setting: str, device: torch.device, compiled: bool = False) -> str:
-    """`auto`: grouped GEMM on CUDA or when compiled (sync-free), the per-expert loop on CPU."""
+def resolve_expert_compute(setting: str, device: torch.device, compiled: bool = False, moe=None,
+                           d_model: int = 0) -> str:
+    """`auto`: see mohge.model.moe.experts.resolve_auto (grouped on CUDA or compiled, else ragged
+    where grouped_mm's alignment allows, else the loop)."""
+    from mohge.model.moe.experts import resolve_auto
+
     if setting == "auto":
-        return "grouped" if device.type == "cuda" or compiled else "loop"
+        widths = [g.ffn_hidden_size for g in moe.groups] if moe is not None else None
+        return resolve_auto(device.type, compiled, widths, d_model)
     return setting
 
 
@@ -97,7 +102,8 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
 
 
 def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> nn.Module:
-    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device, cfg.train.compile)
+    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device, cfg.train.compile, cfg.model.moe,
+                                     cfg.model.d_model)
     model = build_model(cfg.model, "meta", expert_compute=compute)
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     model = parallelize_model(model, ctx, cfg)

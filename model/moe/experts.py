@@ -271,6 +271,18 @@ def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[tor
     return out, torch.tensor(padded, device=x_SD.device), rows
 
 
+def resolve_auto(device_type: str, compiled: bool, widths: list[int] | None, d_model: int) -> str:
+    """`expert_compute=auto`: `grouped` on CUDA (sync-free, 2 GEMMs per layer) or when compiled
+    (fullgraph needs sync-free); on CPU eager `ragged` (exact FLOPs: the fastest CPU path measured
+    in bench_moe.py, docs/performance.md) when grouped_mm's 16-byte alignment allows (every width
+    and d_model multiples of 8), else `loop`. Without the widths (None): `loop` on CPU."""
+    if device_type == "cuda" or compiled:
+        return "grouped"
+    if widths is not None and all(w % 8 == 0 for w in widths) and d_model % 8 == 0:
+        return "ragged"
+    return "loop"
+
+
 EXPERT_CLASSES = {"loop": LoopExperts, "grouped": GroupedExperts, "ragged": RaggedExperts}
 
 
