@@ -1,0 +1,93 @@
+"""Gradients after backward: averaged over data-parallel ranks, their global norm, and clipping.
+
+The trainer calls, once per optimizer step (after dividing by the micro-batch count):
+`sync_gradients` -> `global_grad_norm` -> `clip_gradients`. Every layout then holds the gradient
+of the same global batch, and the norm counts each parameter element exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group, divide: int = 1) -> None:
+    """Sums `grads` over `group` in one flat all-reduce (in place), then divides by `divide`."""
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    if divide != 1:
+        flat.div_(divide)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, ctx) -> None:
+    """Averages gradients over data-parallel ranks so each equals the single-process gradient of
+    the whole global batch: dense grads summed over dp, expert grads over the expert replicas
+    (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp. Gradients FSDP
+    manages arrive averaged already and are left alone."""
+    for param in model.parameters():
+        if param.grad is None:  # e.g. experts that received no token: every rank must send alike
+            param.grad = torch.zeros_like(param)
+    if not ctx.distributed or ctx.dims.dp == 1:
+        return
+    # FSDP (dp_shard) averages every gradient it manages over data-parallel ranks itself; without
+    # it, tensor-parallel (DTensor) gradients are reduced here through their local shards.
+    fsdp = ctx.dims.dp_shard > 1
+    plain = [(n, p.grad.to_local() if is_dtensor(p.grad) else p.grad) for n, p in model.named_parameters()
+             if p.grad is not None and not (fsdp and is_dtensor(p.grad))]
+    _all_reduce_flat([g for n, g in plain if not is_expert_param(n)], ctx.group("dp"), ctx.dims.dp)
+    _all_reduce_flat([g for n, g in plain if is_expert_param(n)], ctx.group("edp") if ctx.dims.edp > 1 else None,
+                     ctx.dims.dp)
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, ctx) -> torch.Tensor:
+    """L2 norm over all parameters of the model, each counted once (expert shards summed over ep)."""
+    device = next(model.parameters()).device
+    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        sq = param.grad.detach().double().square().sum()
+        if is_dtensor(sq):  # sharded or partial: the DTensor reduction counts each element once
+            sq = sq.full_tensor()
+        if is_expert_param(name):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ctx.distributed and ctx.dims.ep > 1:
+        dist.all_reduce(expert_sq, group=ctx.group("ep"))
+    total = dense_sq + expert_sq
+    if ctx.distributed and ctx.dims.pp > 1:  # each stage holds different parameters
+        dist.all_reduce(total, group=ctx.group("pp"))
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, grad_norm: torch.Tensor, max_norm: float) -> None:
+    """Scales every gradient by min(1, max_norm / norm) (no-op for max_norm = 0); the norm is
+    global, so every rank applies the same factor."""
+    if max_norm <= 0:
+        return
+    clip = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+    if clip < 1.0:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(clip)
