@@ -20,6 +20,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh")
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (DTensor) gradient, as the tensor that stores it."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def _all_reduce_flat(grads: list[torch.Tensor], group, divide: int = 1) -> None:
     """Sums `grads` over `group` in one flat all-reduce (in place), then divides by `divide`."""
     if not grads:
@@ -40,20 +45,29 @@ def sync_gradients(model: nn.Module, ctx) -> None:
     """Averages gradients over data-parallel ranks so each equals the single-process gradient of
     the whole global batch: dense grads summed over dp, expert grads over the expert replicas
     (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp. Gradients FSDP
-    manages arrive averaged already and are left alone."""
+    manages arrive averaged already and are left alone. Under MoE folding the non-expert
+    parameters of MoE layers are first summed over tp (parallel/moe_folding.py)."""
     for param in model.parameters():
         if param.grad is None:  # e.g. experts that received no token: every rank must send alike
             param.grad = torch.zeros_like(param)
-    if not ctx.distributed or ctx.dims.dp == 1:
+    if not ctx.distributed:
+        return
+    dims = ctx.dims
+    if dims.moe_fold:  # router / shared experts saw only this tp rank's tokens: sum over tp
+        from mohge.parallel.moe_folding import folded_partial_params
+
+        _all_reduce_flat([local(p.grad) for p in folded_partial_params(model)], ctx.group("tp"))
+    if dims.dp == 1 and dims.edp == 1:
         return
     # FSDP (dp_shard) averages every gradient it manages over data-parallel ranks itself; without
     # it, tensor-parallel (DTensor) gradients are reduced here through their local shards.
-    fsdp = ctx.dims.dp_shard > 1
-    plain = [(n, p.grad.to_local() if is_dtensor(p.grad) else p.grad) for n, p in model.named_parameters()
+    fsdp = dims.dp_shard > 1
+    plain = [(n, local(p.grad)) for n, p in model.named_parameters()
              if p.grad is not None and not (fsdp and is_dtensor(p.grad))]
-    _all_reduce_flat([g for n, g in plain if not is_expert_param(n)], ctx.group("dp"), ctx.dims.dp)
-    _all_reduce_flat([g for n, g in plain if is_expert_param(n)], ctx.group("edp") if ctx.dims.edp > 1 else None,
-                     ctx.dims.dp)
+    if dims.dp > 1:
+        _all_reduce_flat([g for n, g in plain if not is_expert_param(n)], ctx.group("dp"), dims.dp)
+    _all_reduce_flat([g for n, g in plain if is_expert_param(n)], ctx.group("edp") if dims.edp > 1 else None,
+                     dims.dp)
 
 
 @torch.no_grad()

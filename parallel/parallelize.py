@@ -1,7 +1,7 @@
 """Turns a plain Transformer into a distributed one (gradient sync: parallel/grads.py).
 
-Order (fixed): pipeline split -> expert parallel -> tensor parallel -> activation checkpointing ->
-compile -> data parallel. Each step lives in its own module; this file only sequences them.
+Order (fixed): pipeline split -> expert parallel -> tensor parallel (-> MoE folding) -> activation
+checkpointing -> compile -> data parallel. Each step lives in its own module; this file only sequences them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ParallelContext:
     rank: int = 0
     device: torch.device = torch.device("cpu")
     dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
-    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, tp)
+    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, etp)
 
     @property
     def distributed(self) -> bool:
@@ -73,7 +73,11 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if dims.tp > 1:
         from mohge.parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel)
+        apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel, dims.moe_fold)
+    if dims.moe_fold:  # ep over tp x dp: each tp rank dispatches its own sequence shard
+        from mohge.parallel.moe_folding import apply_moe_folding
+
+        apply_moe_folding(model, ctx.dense_mesh["tp"])
     if cfg.train.fp8 != "none":
         from mohge.train.fp8 import apply_fp8
 

@@ -79,8 +79,9 @@ def _mla_plan(attention: MultiLatentAttention, tp_mesh, seq) -> dict:
     }
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    """Shards `model` in place over `tp_mesh` (before weights are materialised)."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool, moe_fold: bool = False) -> None:
+    """Shards `model` in place over `tp_mesh` (before weights are materialised). With `moe_fold`
+    the MoE layers' boundaries are left to parallel/moe_folding.py."""
     seq = Shard(1) if sequence_parallel else Replicate()
     top = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
@@ -103,7 +104,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         if isinstance(block.ffn, MoHGELayer):
-            if sequence_parallel:  # gather the sequence for the experts, split it back after
+            if sequence_parallel and not moe_fold:  # gather the sequence for the experts, split it back after
                 plan["ffn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
                                                  use_local_output=True)
                 parallelize_module(block.ffn, tp_mesh, PrepareModuleOutput(
