@@ -59,3 +59,15 @@ def test_folded_dispatcher_sends_only_its_shard():
         other = torch.ones(B * S, dtype=torch.bool)
         other[local_rows] = False
         assert (y_TKD[other] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_planner_equals_folded_shards(tmp_path):
+    """mohge-plan --memory under folding (fsdp2 x tp2 with ep2 folded on 4 ranks: each expert's
+    two holders are a dp pair, edp_shard 2): planned parameter, gradient and optimizer bytes equal
+    the shards a real training step holds (the check of tests/test_memory.py)."""
+    from test_memory import _check
+
+    measured = _check(tmp_path, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.ep=2", "parallel.moe_fold=true"], 4)
+    assert all(m["experts_fsdp"] for m in measured)  # routed experts FSDP-sharded over the folded edp_shard

@@ -212,8 +212,8 @@ def test_resume_ep2_tp2_as_ep4(tmp_path, pp_reference, pp_reference_dir):
 def test_moe_folding_matches_single_process(tmp_path, reference, reference_dir, layout):
     """MoE parallel folding: attention tp2 (sequence parallel) while the experts use ep over the
     tp x dp ranks, so ep may exceed dp (ep4 on dp2). Losses, grad norms, parameters and the logged
-    MoE metrics equal the single process; with fsdp2-tp2-ep2 the experts are sharded over the two
-    tp... dp ranks that hold the same experts."""
+    MoE metrics equal the single process; with fsdp2-tp2-ep2 (ep over the tp ranks) each expert's
+    two holders are a dp pair that FSDP-shards it."""
     lines = _run(tmp_path, _nproc(layout), *layout)
     assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
     assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
