@@ -13,7 +13,8 @@ sequence between the tensor-parallel regions.
 
 MoHGE layers run with expert-TP = 1: their input is gathered to the full (replicated) sequence,
 every tp rank computes the same routing and experts, and the output is split back. Router and
-expert weights stay plain tensors with identical gradients on every tp rank.
+expert weights stay plain tensors with identical gradients on every tp rank. (With
+parallel.moe_fold the tp ranks' experts differ instead: parallel/moe_folding.py.)
 """
 
 from __future__ import annotations
