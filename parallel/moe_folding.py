@@ -54,7 +54,10 @@ class FoldedDispatcher:
 
 def apply_moe_folding(model: nn.Module, tp_mesh) -> None:
     """Every MoE layer (already under expert parallel over the folded ep group) takes its tp
-    rank's sequence shard in and gives it back out; call after tensor parallel."""
+    rank's sequence shard in and gives it back out; call after tensor parallel. The gather and
+    split sit at the layer's boundary as pre/post-forward hooks, where tensor parallel's
+    PrepareModuleInput/Output put the unfolded layer's gather and split (so parameter names, and
+    checkpoints, are the plain model's)."""
     group, rank, size = tp_mesh.get_group(), tp_mesh.get_local_rank(), tp_mesh.size()
 
     def gather_input(layer, args):
