@@ -1,7 +1,7 @@
 """Gradients after backward: averaged over data-parallel ranks, their global norm, and clipping.
 
-The trainer calls, once per optimizer step (after dividing by the micro-batch count):
-`sync_gradients` -> `global_grad_norm` -> `clip_gradients`. Every layout then holds the gradient
+The trainer calls, once per optimizer step: `sync_gradients` (which first divides by the
+micro-batch count) -> `global_grad_norm` -> `clip_gradients`. Every layout then holds the gradient
 of the same global batch, and the norm counts each parameter element exactly once.
 """
 
@@ -41,15 +41,18 @@ def _all_reduce_flat(grads: list[torch.Tensor], group, divide: int = 1) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model: nn.Module, ctx) -> None:
+def sync_gradients(model: nn.Module, ctx, micro_batches: int = 1) -> None:
     """Averages gradients over data-parallel ranks so each equals the single-process gradient of
     the whole global batch: dense grads summed over dp, expert grads over the expert replicas
     (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp. Gradients FSDP
     manages arrive averaged already and are left alone. Under MoE folding the non-expert
-    parameters of MoE layers are first summed over tp (parallel/moe_folding.py)."""
+    parameters of MoE layers are first summed over tp (parallel/moe_folding.py). Each micro-batch
+    backpropagated its own mean loss, so gradients are first divided by `micro_batches`."""
     for param in model.parameters():
         if param.grad is None:  # e.g. experts that received no token: every rank must send alike
             param.grad = torch.zeros_like(param)
+        elif micro_batches != 1:
+            param.grad.div_(micro_batches)
     if not ctx.distributed:
         return
     dims = ctx.dims

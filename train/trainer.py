@@ -257,10 +257,7 @@ class Trainer:
         """Average, clip and apply gradients; a non-finite norm (or `skip`, the loss guard's
         verdict, the same on every rank) skips the update on every rank."""
         t = self.cfg.train
-        for param in self.model.parameters():
-            if param.grad is not None:
-                param.grad.div_(self.n_micro)
-        sync_gradients(self.model, self.ctx)
+        sync_gradients(self.model, self.ctx, micro_batches=self.n_micro)
         grad_norm = global_grad_norm(self.model, self.ctx)
         if torch.isfinite(grad_norm) and not skip:
             self.bad_streak = 0
