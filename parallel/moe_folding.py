@@ -9,7 +9,8 @@ Per MoE layer, on every tp rank:
   gather   the rank's [B, Sl, D] shard -> [B, S, D] (GatherSequence: reduce-scatter backward)
   route    the whole sequence, as the single process does: routing, capacity drops, aux losses
            and routing statistics are the same on every tp rank
-  dispatch only this rank's Tl tokens, over the folded ep group (FoldedDispatcher)
+  dispatch only this rank's Tl tokens, over the folded ep group (FoldedDispatcher); the shared
+           experts likewise run on this rank's Tl tokens only
   split    the output back to the rank's shard (a slice: its backward pads zeros)
 So the output gradient is non-zero on this rank's tokens only, the router's and shared experts'
 gradients are partial sums over tp (grads.sync_gradients sums them), and the aux-loss gradient is
@@ -44,12 +45,15 @@ class FoldedDispatcher:
     def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
         return self.inner.dispatch(self._local(x_TD), self._local(expert_idx_TK))
 
-    def combine(self, y_local: torch.Tensor, handle) -> torch.Tensor:
-        y_TlKD = self.inner.combine(y_local, handle)
+    def full(self, t_TlX: torch.Tensor) -> torch.Tensor:
+        """This rank's rows back in place among zeros: [B*Sl, ...] -> [B*S, ...]."""
         B, n = self.batch, self.tp_size
-        y_BnSlKD = y_TlKD.new_zeros(B, n, y_TlKD.shape[0] // B, *y_TlKD.shape[1:])
-        y_BnSlKD[:, self.tp_rank] = y_TlKD.view(B, -1, *y_TlKD.shape[1:])
-        return y_BnSlKD.flatten(0, 2)
+        t_BnSlX = t_TlX.new_zeros(B, n, t_TlX.shape[0] // B, *t_TlX.shape[1:])
+        t_BnSlX[:, self.tp_rank] = t_TlX.view(B, -1, *t_TlX.shape[1:])
+        return t_BnSlX.flatten(0, 2)
+
+    def combine(self, y_local: torch.Tensor, handle) -> torch.Tensor:
+        return self.full(self.inner.combine(y_local, handle))
 
 
 def apply_moe_folding(model: nn.Module, tp_mesh) -> None:
@@ -72,10 +76,13 @@ def apply_moe_folding(model: nn.Module, tp_mesh) -> None:
         return out_BSD[:, rank * Sl : (rank + 1) * Sl]  # a local tensor, as the residual stream under SP
 
     for _, layer in moe_layers(model):
-        layer.dispatcher = FoldedDispatcher(layer.dispatcher, rank, size)
+        layer.dispatcher = dispatcher = FoldedDispatcher(layer.dispatcher, rank, size)
         layer.aux_grad_scale = 1.0 / size
         layer.register_forward_pre_hook(gather_input)
         layer.register_forward_hook(split_output)
+        if layer.shared is not None:  # shared experts on this rank's rows only (the rest is split off)
+            layer.shared.register_forward_pre_hook(lambda m, args, d=dispatcher: (d._local(args[0]),))
+            layer.shared.register_forward_hook(lambda m, args, out, d=dispatcher: d.full(out))
 
 
 def folded_partial_params(model: nn.Module) -> list[nn.Parameter]:
