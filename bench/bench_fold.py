@@ -99,7 +99,8 @@ def main(argv=None) -> int:
                      "layer_step_ms": max(r["time"] for r in results) / args.steps * 1e3,
                      "expert_rows_per_rank": [r["expert_rows"] for r in results]})
     print(f"one MoHGE layer, 2 ranks on CPU/gloo (1 thread each), {args.groups} groups x 8 experts, top_k 4, "
-          f"1 shared expert, {args.tokens} tokens, d_model {args.d_model}; {args.steps} steps after {args.warmup} warmup")
+          f"1 shared expert, {args.tokens} tokens, d_model {args.d_model}; "
+          f"{args.steps} steps after {args.warmup} warmup")
     print(f"{'layout':<18}{'layer fwd+bwd ms (max rank)':>29}{'expert rows per rank':>24}")
     for r in rows:
         print(f"{r['layout']:<18}{r['layer_step_ms']:>29.1f}{str([int(v) for v in r['expert_rows_per_rank']]):>24}")

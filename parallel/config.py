@@ -74,7 +74,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.moe_fold=true: needs parallel.ep > 1 (experts spread over tp x dp ranks); "
                               f"set parallel.ep {fix}")
         if self.cp > 1:
-            raise ConfigError(f"parallel.moe_fold=true: not supported with parallel.cp > 1 yet; set parallel.cp=1 {fix}")
+            raise ConfigError(f"parallel.moe_fold=true: not supported with parallel.cp > 1 yet; "
+                              f"set parallel.cp=1 {fix}")
 
     @property
     def world_size(self) -> int:

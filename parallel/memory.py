@@ -161,8 +161,10 @@ def activation_estimate(cfg, dims: ParallelDims, micro_batch: int, seq_len: int,
         f_mean = sum(g.ffn_hidden_size * g.num_experts for g in moe.groups) / moe.num_experts
         k = moe.top_k
         router = 4 * T * (4 * moe.num_experts + 3 * len(widths)) + 8 * T * k
-        experts = b * T * k * (2 * D + 3 * f_mean) / (tp if dims.moe_fold else 1)  # folded: this tp rank's tokens
-        shared = b * T * (3 * moe.shared_ffn_hidden_size * moe.num_shared_experts + D) if moe.num_shared_experts else 0
+        fold = tp if dims.moe_fold else 1  # folded: routed and shared experts see this tp rank's tokens
+        experts = b * T * k * (2 * D + 3 * f_mean) / fold
+        shared = (b * T * (3 * moe.shared_ffn_hidden_size * moe.num_shared_experts + D) / fold
+                  if moe.num_shared_experts else 0)
         ffn = (4 * T * D + b * T * D) / tp + b * T * D + router + experts + shared
     else:
         ffn = (4 * T * D + b * T * D) / tp + 3 * b * T * m.ffn_hidden_size / tp
