@@ -29,3 +29,30 @@ def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
 
 def all_to_all_single(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
     return AllToAllSingle.apply(x, send_splits, recv_splits, group)
+
+
+class GatherSequence(torch.autograd.Function):
+    """All-gather of [B, S/n, ...] sequence shards into [B, S, ...] over `group` (rank i holds the
+    i-th chunk); the backward reduce-scatters: each rank's computation on the full sequence adds
+    its share to the gradient of every shard (megatron's gather_from_sequence_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        n = dist.get_world_size(group)
+        out = x.new_empty((n * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out.view(n, *x.shape).movedim(0, 1).flatten(1, 2)  # [n, B, S/n, ...] -> [B, S, ...]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        n = dist.get_world_size(ctx.group)
+        B, S = grad_out.shape[:2]
+        chunks = grad_out.reshape(B, n, S // n, *grad_out.shape[2:]).movedim(1, 0).contiguous()
+        grad_in = grad_out.new_empty(chunks.shape[1:])
+        dist.reduce_scatter_tensor(grad_in, chunks.flatten(0, 1), group=ctx.group)
+        return grad_in, None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return GatherSequence.apply(x, group)

@@ -17,8 +17,9 @@ class ParallelConfig:
     `dp_shard=-1` (the default) is inferred from the world size, as torchtitan does and as
     Megatron infers its data-parallel degree; every other degree is given.
 
-    Expert parallel (ep) is carved out of the data-parallel ranks (dp_replicate * dp_shard * tp
-    must be a multiple of ep... see ParallelDims), as large MoE frameworks do.
+    Expert parallel (ep) is carved out of the data-parallel ranks (ep divides dp_replicate x
+    dp_shard, see ParallelDims), as large MoE frameworks do; with `moe_fold` out of the tensor- and
+    data-parallel ranks together (ep divides dp x tp; MoE parallel folding, arXiv 2504.14960).
     """
 
     dp_replicate: int = 1
@@ -34,6 +35,7 @@ class ParallelConfig:
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
     timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
     cp: int = 1  # context parallel: data-parallel ranks that split each sequence between them
+    moe_fold: bool = False  # MoE parallel folding: ep spans tp x dp ranks, expert tp = 1 (parallel/moe_folding.py)
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""
@@ -56,6 +58,24 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp_schedule: must be one of {PP_SCHEDULES}")
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:
             raise ConfigError(f"parallel.activation_checkpoint: must be one of {ACTIVATION_CHECKPOINT}")
+        if self.moe_fold:
+            self.validate_moe_fold()
+
+    def validate_moe_fold(self) -> None:
+        """Folding spreads experts over the tensor-parallel ranks' distinct sequence shards."""
+        fix = "or set parallel.moe_fold=false"
+        if self.tp == 1:
+            raise ConfigError(f"parallel.moe_fold=true: folds expert parallel over tensor-parallel ranks and does "
+                              f"nothing with parallel.tp=1; set parallel.tp > 1 {fix}")
+        if not self.sequence_parallel:
+            raise ConfigError(f"parallel.moe_fold=true: needs parallel.sequence_parallel=true (each tp rank must hold "
+                              f"distinct tokens at the MoE layer); set it {fix}")
+        if self.ep == 1:
+            raise ConfigError(f"parallel.moe_fold=true: needs parallel.ep > 1 (experts spread over tp x dp ranks); "
+                              f"set parallel.ep {fix}")
+        if self.cp > 1:
+            raise ConfigError(f"parallel.moe_fold=true: not supported with parallel.cp > 1 yet; "
+                              f"set parallel.cp=1 {fix}")
 
     @property
     def world_size(self) -> int:

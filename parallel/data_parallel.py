@@ -4,7 +4,7 @@ Each transformer block is one FSDP unit, then the root (under pipeline parallel:
 view, see apply_fsdp). Under expert parallel the routed experts of each MoE layer are a unit of
 their own on the expert mesh: sharded over the edp_shard ranks that hold the same experts
 (replicated over edp_replicate, see ParallelDims.edp_shard). Where edp_shard is 1 they are left
-out of FSDP and their replicas' gradients are averaged by parallelize.sync_gradients.
+out of FSDP and their replicas' gradients are averaged by grads.sync_gradients.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ out of the data-parallel ranks: the flattened dp index d = dp_replicate_i * dp_s
 splits as d = edp_i * ep + ep_i, so the expert mesh is (pp, edp, ep, tp) over the same ranks.
 The edp dimension is itself split as (edp_replicate, edp_shard): routed experts are sharded (FSDP)
 over edp_shard and replicated over edp_replicate, see `edp_shard`.
+
+MoE parallel folding (`moe_fold`, arXiv 2504.14960; megatron-core's expert_tensor_parallel_size=1
+with its expert RankGenerator): the routed experts use expert-tp 1 and the folded index
+f = d * tp + tp_i (contiguous ranks of a pipeline stage) splits as f = edp_i * ep + ep_i, so ep
+may exceed the data-parallel degree. The expert mesh is (pp, edp_replicate, edp_shard, ep, etp)
+with etp = tp unfolded (experts replicated over tp) and 1 folded.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ class ParallelDims:
     pp: int
     ep: int
     world_size: int
+    moe_fold: bool = False  # ep over tp x dp ranks (expert tp = 1), see the module docstring
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
         cfg = cfg.resolved(world_size)
         cfg.validate()
-        dims = cls(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep, world_size)
+        dims = cls(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep, world_size, cfg.moe_fold)
         dims.validate()
         return dims
 
@@ -50,10 +57,17 @@ class ParallelDims:
                 f"parallel: dp_replicate({self.dp_replicate}) x dp_shard({self.dp_shard}) x tp({self.tp}) x "
                 f"pp({self.pp}) = {product}, but the job has {self.world_size} processes{hint}"
             )
-        if self.dp % self.ep != 0:
+        if self.moe_fold and self.expert_width % self.ep != 0:
+            raise ConfigError(
+                f"parallel.ep: {self.ep} must divide dp_replicate x dp_shard x tp = {self.expert_width} with "
+                f"parallel.moe_fold=true (experts are spread over tp x dp ranks); valid: {_divisors(self.expert_width)}"
+            )
+        if self.dp % self.ep != 0 and not self.moe_fold:
+            fold = (f", or set parallel.moe_fold=true to spread experts over tp x dp = {self.dp * self.tp} ranks"
+                    if self.tp > 1 and (self.dp * self.tp) % self.ep == 0 else "")
             raise ConfigError(
                 f"parallel.ep: {self.ep} must divide the data-parallel degree dp_replicate x dp_shard = "
-                f"{self.dp} (experts are spread over data-parallel ranks); valid: {_divisors(self.dp)}"
+                f"{self.dp} (experts are spread over data-parallel ranks); valid: {_divisors(self.dp)}{fold}"
             )
 
     @property
@@ -61,9 +75,19 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def etp(self) -> int:
+        """Expert tensor parallel: tp unfolded (each tp rank computes the same experts), 1 folded."""
+        return 1 if self.moe_fold else self.tp
+
+    @property
+    def expert_width(self) -> int:
+        """Ranks of one pipeline stage the expert layout (edp x ep) spreads over: dp, or dp x tp folded."""
+        return self.dp * self.tp // self.etp
+
+    @property
     def edp(self) -> int:
         """Data-parallel replicas of each expert."""
-        return self.dp // self.ep
+        return self.expert_width // self.ep
 
     @property
     def edp_shard(self) -> int:
@@ -71,10 +95,12 @@ class ParallelDims:
 
         Like the dense weights they are sharded only when dp_shard > 1: over the dp_shard ranks
         that hold the same experts (dp_shard / ep, replicated over dp_replicate: HSDP) when ep
-        divides dp_shard, else over all their replicas (ep then spans dp_replicate groups)."""
+        divides dp_shard, else over all their replicas (ep then spans dp_replicate groups).
+        Folded, dp_shard x tp takes the place of dp_shard."""
         if self.dp_shard == 1:
             return 1
-        return self.dp_shard // self.ep if self.dp_shard % self.ep == 0 else self.edp
+        shard_width = self.dp_shard * self.tp // self.etp  # folded: the dp_shard x tp ranks of a replica
+        return shard_width // self.ep if shard_width % self.ep == 0 else self.edp
 
     @property
     def edp_replicate(self) -> int:
@@ -86,14 +112,15 @@ class ParallelDims:
         tp_i = rank % self.tp
         dp_i = (rank // self.tp) % self.dp
         pp_i = rank // (self.tp * self.dp)
-        edp_i = dp_i // self.ep
+        f = dp_i * self.tp + tp_i if self.moe_fold else dp_i  # index over the expert layout's ranks
+        edp_i = f // self.ep
         return {
             "pp": pp_i,
             "dp": dp_i,
             "dp_replicate": dp_i // self.dp_shard,
             "dp_shard": dp_i % self.dp_shard,
             "tp": tp_i,
-            "ep": dp_i % self.ep,
+            "ep": f % self.ep,
             "edp": edp_i,
             "edp_replicate": edp_i // self.edp_shard,
             "edp_shard": edp_i % self.edp_shard,
@@ -101,7 +128,7 @@ class ParallelDims:
 
     def build_meshes(self, device_type: str):
         """(dense mesh (pp, dp_replicate, dp_shard, tp), expert mesh (pp, edp_replicate, edp_shard,
-        ep, tp)); flatten (edp_replicate, edp_shard) for the whole edp group."""
+        ep, etp)); flatten (edp_replicate, edp_shard) for the whole edp group."""
         from torch.distributed.device_mesh import init_device_mesh
 
         dense = init_device_mesh(
@@ -111,7 +138,7 @@ class ParallelDims:
         )
         expert = init_device_mesh(
             device_type,
-            (self.pp, self.edp_replicate, self.edp_shard, self.ep, self.tp),
-            mesh_dim_names=("pp", "edp_replicate", "edp_shard", "ep", "tp"),
+            (self.pp, self.edp_replicate, self.edp_shard, self.ep, self.etp),
+            mesh_dim_names=("pp", "edp_replicate", "edp_shard", "ep", "etp"),
         )
         return dense, expert

@@ -161,8 +161,10 @@ def activation_estimate(cfg, dims: ParallelDims, micro_batch: int, seq_len: int,
         f_mean = sum(g.ffn_hidden_size * g.num_experts for g in moe.groups) / moe.num_experts
         k = moe.top_k
         router = 4 * T * (4 * moe.num_experts + 3 * len(widths)) + 8 * T * k
-        experts = b * T * k * (2 * D + 3 * f_mean)
-        shared = b * T * (3 * moe.shared_ffn_hidden_size * moe.num_shared_experts + D) if moe.num_shared_experts else 0
+        fold = tp if dims.moe_fold else 1  # folded: routed and shared experts see this tp rank's tokens
+        experts = b * T * k * (2 * D + 3 * f_mean) / fold
+        shared = (b * T * (3 * moe.shared_ffn_hidden_size * moe.num_shared_experts + D) / fold
+                  if moe.num_shared_experts else 0)
         ffn = (4 * T * D + b * T * D) / tp + b * T * D + router + experts + shared
     else:
         ffn = (4 * T * D + b * T * D) / tp + 3 * b * T * m.ffn_hidden_size / tp
@@ -218,7 +220,7 @@ def summary(cfg, dims: ParallelDims, experts_sharded: bool = True) -> dict:
     whole = whole_model_state_bytes(cfg)
     return {
         "layout": {k: getattr(dims, k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "world_size")}
-        | {"edp_shard": dims.edp_shard, "experts_sharded": experts_sharded},
+        | {"edp_shard": dims.edp_shard, "experts_sharded": experts_sharded, "moe_fold": dims.moe_fold},
         "micro_batch_size": cfg.train.micro_batch_size,
         "seq_len": cfg.train.seq_len,
         "whole_model_state_bytes": whole,

@@ -106,7 +106,8 @@ def _print(name: str, report: dict) -> None:
     lay, worst = report["layout"], report["max_rank"]
     experts = "sharded over edp_shard" if lay["experts_sharded"] else "whole copies on every edp rank"
     print(f"{name}: dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']} x tp {lay['tp']} x pp {lay['pp']}"
-          f" ({lay['world_size']} ranks), ep {lay['ep']}, edp_shard {lay['edp_shard']}; routed experts {experts}")
+          f" ({lay['world_size']} ranks), ep {lay['ep']}{' folded over tp x dp' if lay.get('moe_fold') else ''}, "
+          f"edp_shard {lay['edp_shard']}; routed experts {experts}")
     print(f"micro-batch {report['micro_batch_size']} x seq {report['seq_len']}; fp32 params/grads, AdamW fp32 states")
     print(f"{'GiB per rank (max rank ' + str(worst['rank']) + ')':<34} {'params':>8} {'grads':>8} {'optim':>8} "
           f"{'state':>8} {'x ideal':>8}")

@@ -1,7 +1,7 @@
-"""Turns a plain Transformer into a distributed one, and syncs its gradients.
+"""Turns a plain Transformer into a distributed one (gradient sync: parallel/grads.py).
 
-Order (fixed): pipeline split -> expert parallel -> tensor parallel -> activation checkpointing ->
-compile -> data parallel. Each step lives in its own module; this file only sequences them.
+Order (fixed): pipeline split -> expert parallel -> tensor parallel (-> MoE folding) -> activation
+checkpointing -> compile -> data parallel. Each step lives in its own module; this file only sequences them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mohge.parallel.dims import ParallelDims
+from mohge.parallel.grads import is_dtensor
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ParallelContext:
     rank: int = 0
     device: torch.device = torch.device("cpu")
     dense_mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp)
-    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, tp)
+    expert_mesh: Optional[object] = None  # DeviceMesh (pp, edp_replicate, edp_shard, ep, etp)
 
     @property
     def distributed(self) -> bool:
@@ -57,10 +58,6 @@ class ParallelContext:
         return self.dense_mesh.get_group(name)
 
 
-def is_expert_param(name: str) -> bool:
-    return ".experts." in name
-
-
 def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     """Applies every parallel dimension of `cfg.parallel` to a model built on meta."""
     dims = ctx.dims
@@ -76,7 +73,11 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if dims.tp > 1:
         from mohge.parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel)
+        apply_tensor_parallel(model, ctx.dense_mesh["tp"], cfg.parallel.sequence_parallel, dims.moe_fold)
+    if dims.moe_fold:  # ep over tp x dp: each tp rank dispatches its own sequence shard
+        from mohge.parallel.moe_folding import apply_moe_folding
+
+        apply_moe_folding(model, ctx.dense_mesh["tp"])
     if cfg.train.fp8 != "none":
         from mohge.train.fp8 import apply_fp8
 
@@ -119,66 +120,7 @@ def expert_fsdp_mesh(ctx: ParallelContext):
     return ctx.expert_mesh["edp_shard"]
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh")
-
-
 def scalar(value: torch.Tensor) -> float:
     """A loss as a float, also when tensor parallel made it a (replicated) DTensor."""
     value = value.detach()
     return float(value.full_tensor() if is_dtensor(value) else value)
-
-
-@torch.no_grad()
-def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
-    """Averages gradients over data-parallel ranks so each equals the single-process gradient of
-    the whole global batch: dense grads summed over dp, expert grads over the expert replicas
-    (edp; the all-to-all already summed the ep ranks' tokens), both divided by dp. Gradients FSDP
-    manages arrive averaged already and are left alone."""
-    for param in model.parameters():
-        if param.grad is None:  # e.g. experts that received no token: every rank must send alike
-            param.grad = torch.zeros_like(param)
-    if not ctx.distributed or ctx.dims.dp == 1:
-        return
-    # FSDP (dp_shard) averages every gradient it manages over data-parallel ranks itself; without
-    # it, tensor-parallel (DTensor) gradients are reduced here through their local shards.
-    fsdp = ctx.dims.dp_shard > 1
-    plain = [(n, p.grad.to_local() if is_dtensor(p.grad) else p.grad) for n, p in model.named_parameters()
-             if p.grad is not None and not (fsdp and is_dtensor(p.grad))]
-    dense = [g for n, g in plain if not is_expert_param(n)]
-    expert = [g for n, g in plain if is_expert_param(n)]
-    for grads, group in ((dense, ctx.group("dp")), (expert, ctx.group("edp") if ctx.dims.edp > 1 else None)):
-        if not grads:
-            continue
-        flat = torch.cat([g.flatten() for g in grads])
-        if group is not None:
-            dist.all_reduce(flat, group=group)
-        flat.div_(ctx.dims.dp)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-@torch.no_grad()
-def global_grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
-    """L2 norm over all parameters of the model, each counted once (expert shards summed over ep)."""
-    device = next(model.parameters()).device
-    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
-    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        sq = param.grad.detach().double().square().sum()
-        if is_dtensor(sq):  # sharded or partial: the DTensor reduction counts each element once
-            sq = sq.full_tensor()
-        if is_expert_param(name):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    if ctx.distributed and ctx.dims.ep > 1:
-        dist.all_reduce(expert_sq, group=ctx.group("ep"))
-    total = dense_sq + expert_sq
-    if ctx.distributed and ctx.dims.pp > 1:  # each stage holds different parameters
-        dist.all_reduce(total, group=ctx.group("pp"))
-    return total.sqrt()

@@ -13,7 +13,8 @@ sequence between the tensor-parallel regions.
 
 MoHGE layers run with expert-TP = 1: their input is gathered to the full (replicated) sequence,
 every tp rank computes the same routing and experts, and the output is split back. Router and
-expert weights stay plain tensors with identical gradients on every tp rank.
+expert weights stay plain tensors with identical gradients on every tp rank. (With
+parallel.moe_fold the tp ranks' experts differ instead: parallel/moe_folding.py.)
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _mla_plan(attention: MultiLatentAttention, tp_mesh, seq) -> dict:
     }
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
-    """Shards `model` in place over `tp_mesh` (before weights are materialised)."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool, moe_fold: bool = False) -> None:
+    """Shards `model` in place over `tp_mesh` (before weights are materialised). With `moe_fold`
+    the MoE layers' boundaries are left to parallel/moe_folding.py."""
     seq = Shard(1) if sequence_parallel else Replicate()
     top = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
@@ -103,7 +105,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         if isinstance(block.ffn, MoHGELayer):
-            if sequence_parallel:  # gather the sequence for the experts, split it back after
+            if sequence_parallel and not moe_fold:  # gather the sequence for the experts, split it back after
                 plan["ffn"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
                                                  use_local_output=True)
                 parallelize_module(block.ffn, tp_mesh, PrepareModuleOutput(

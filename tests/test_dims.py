@@ -50,3 +50,39 @@ def test_expert_shard_degrees_and_mesh_order():
                 c = dims.coords(rank)
                 flat = (((c["pp"] * edp_replicate + c["edp_replicate"]) * edp_shard + c["edp_shard"]) * ep + c["ep"]) * tp
                 assert flat + c["tp"] == rank
+
+
+def test_moe_fold_lets_ep_exceed_data_parallel_degree():
+    """Folded, ep spreads over tp x dp ranks (tp2 x dp2 with ep4): each rank holds distinct
+    experts, the expert mesh (pp, edp_replicate, edp_shard, ep, etp=1) enumerates ranks in order,
+    and the unfolded error names the fold as a fix."""
+    with pytest.raises(ConfigError, match=r"valid: \[1, 2\], or set parallel.moe_fold=true"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=2, tp=2, ep=4), 4)
+    cases = {(1, 2, 2, 4): (1, 1), (1, 1, 2, 2): (1, 1), (1, 2, 2, 2): (2, 1), (2, 2, 2, 2): (2, 2),
+             (2, 1, 2, 2): (1, 2), (2, 2, 2, 8): (1, 1)}
+    for (rep, shard, tp, ep), (edp_shard, edp_replicate) in cases.items():
+        for pp in (1, 2):
+            world = rep * shard * tp * pp
+            dims = ParallelDims.from_config(
+                ParallelConfig(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, ep=ep, moe_fold=True), world)
+            assert (dims.etp, dims.edp_shard, dims.edp_replicate) == (1, edp_shard, edp_replicate)
+            seen = set()
+            for rank in range(world):
+                c = dims.coords(rank)
+                flat = ((c["pp"] * edp_replicate + c["edp_replicate"]) * edp_shard + c["edp_shard"]) * ep + c["ep"]
+                assert flat == rank
+                seen.add((c["pp"], c["ep"], c["edp"]))
+            assert len(seen) == world
+    with pytest.raises(ConfigError, match=r"parallel.ep: 3 must divide dp_replicate x dp_shard x tp = 4 .*moe_fold"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=2, tp=2, ep=3, moe_fold=True), 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(tp=1, ep=2), "does nothing with parallel.tp=1"),
+    (dict(tp=2, ep=2, sequence_parallel=False), "needs parallel.sequence_parallel=true"),
+    (dict(tp=2, ep=1), "needs parallel.ep > 1"),
+    (dict(tp=2, ep=2, cp=2), "not supported with parallel.cp > 1"),
+])
+def test_moe_fold_bad_combinations_named(overrides, message):
+    with pytest.raises(ConfigError, match=r"parallel.moe_fold=true: .*" + message + r".*moe_fold=false"):
+        ParallelConfig(dp_shard=2, moe_fold=True, **overrides).validate()

@@ -44,7 +44,8 @@ def _ep_rank(rank, world, moe, allocation):
     """EP layer on this rank with the reference's weights: its output, grads and expert rows."""
     from mohge.parallel.dims import ParallelDims
     from mohge.parallel.expert_parallel import apply_expert_parallel
-    from mohge.parallel.parallelize import ParallelContext, sync_gradients
+    from mohge.parallel.grads import sync_gradients
+    from mohge.parallel.parallelize import ParallelContext
 
     moe.allocation = allocation
     dims = ParallelDims(dp_replicate=1, dp_shard=world, tp=1, pp=1, ep=world, world_size=world)

@@ -25,7 +25,8 @@ from mohge.parallel.data_parallel import reshard
 from mohge.parallel.dims import ParallelDims
 from mohge.parallel.tensor_parallel import loss_context
 from mohge.parallel.reduce import reduce_scalars
-from mohge.parallel.parallelize import ParallelContext, global_grad_norm, parallelize_model, scalar, sync_gradients
+from mohge.parallel.grads import clip_gradients, global_grad_norm, sync_gradients
+from mohge.parallel.parallelize import ParallelContext, parallelize_model, scalar
 from mohge.train.balancing import BalanceHook
 from mohge.train.checkpoint import resume_checkpoint, save_checkpoint
 from mohge.train.config import RunConfig
@@ -262,19 +263,11 @@ class Trainer:
         """Average, clip and apply gradients; a non-finite norm (or `skip`, the loss guard's
         verdict, the same on every rank) skips the update on every rank."""
         t = self.cfg.train
-        for param in self.model.parameters():
-            if param.grad is not None:
-                param.grad.div_(self.n_micro)
-        sync_gradients(self.model, self.ctx)
+        sync_gradients(self.model, self.ctx, micro_batches=self.n_micro)
         grad_norm = global_grad_norm(self.model, self.ctx)
         if torch.isfinite(grad_norm) and not skip:
             self.bad_streak = 0
-            if t.grad_clip > 0:
-                clip = min(1.0, t.grad_clip / (float(grad_norm) + 1e-6))
-                if clip < 1.0:
-                    for param in self.model.parameters():
-                        if param.grad is not None:
-                            param.grad.mul_(clip)
+            clip_gradients(self.model, grad_norm, t.grad_clip)
             self.optimizer.step()
         else:  # the norm is global, so every rank skips together
             self.bad_streak += 1

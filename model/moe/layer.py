@@ -96,6 +96,7 @@ class MoHGELayer(nn.Module):
         self.dispatcher = LocalDispatcher(moe.num_experts)
         self.group_aux_active = moe.group_aux_start_fraction == 0.0
         self.stats = RoutingStats(moe.num_experts)
+        self.aux_grad_scale = 1.0  # 1/tp under MoE parallel folding (parallel/moe_folding.py)
         attach_balance(self, moe)  # step counts, global-batch slots (mohge.model.moe.balance)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class MoHGELayer(nn.Module):
         if self.training and self.stats.recording and torch.is_grad_enabled() and not x_BSD.is_meta:
             self.balance.record(routing.expert_idx_TK, routing.group_mask_TG, routing.keep_TK)
         if self.training:
-            out_TD = attach_aux_loss(out_TD, self.weighted_aux_loss(losses))
+            out_TD = attach_aux_loss(out_TD, self.aux_grad_scale * self.weighted_aux_loss(losses))
         return out_TD.view(B, S, D)
 
     def aux_losses(self, routing: Routing, batch_size: int = 1) -> dict[str, torch.Tensor]:
