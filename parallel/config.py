@@ -34,6 +34,7 @@ class ParallelConfig:
     backend: str = "auto"  # "auto": nccl on CUDA, gloo on CPU
     timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
     cp: int = 1  # context parallel: data-parallel ranks that split each sequence between them
+    cp_comm: str = "ring"  # context parallel attention: "ring" (p2p key/value blocks) | "all_gather"
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""

@@ -61,7 +61,7 @@ def _cfg(attention: str, ffn_type: str, aux: bool = False):
     return ModelConfig(**kw)
 
 
-def _loss_and_grads(attention, ffn_type, group=None, aux=False):
+def _loss_and_grads(attention, ffn_type, group=None, aux=False, comm="ring"):
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -72,7 +72,7 @@ def _loss_and_grads(attention, ffn_type, group=None, aux=False):
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(5))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if group is not None:
-        positions = apply_context_parallel(model, group, inputs.shape[1])
+        positions = apply_context_parallel(model, group, inputs.shape[1], comm)
         inputs, labels = inputs[:, positions], labels[:, positions]
     model.to_empty(device="cpu")
     model.init_weights(11)
@@ -90,20 +90,59 @@ def _loss_and_grads(attention, ffn_type, group=None, aux=False):
     return float(loss), grads
 
 
-def _cp_rank(rank, world, attention, ffn_type, aux=False):
+def _cp_rank(rank, world, attention, ffn_type, aux=False, comm="ring"):
     import torch.distributed as dist
 
-    return _loss_and_grads(attention, ffn_type, dist.group.WORLD, aux)
+    return _loss_and_grads(attention, ffn_type, dist.group.WORLD, aux, comm)
+
+
+def _ring_rank(rank, world, H, Hkv, K, V, scale):
+    import torch.distributed as dist
+
+    from mohge.parallel.ring_attention import ring_attention
+
+    q, k, v, w = _ring_inputs(world * 4, H, Hkv, K, V)
+    positions = load_balanced_positions(q.shape[2], world, rank)
+    parts = [x[:, :, positions].detach().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*parts, scale, dist.group.WORLD)
+    (out * w[:, :, positions]).sum().backward()
+    return positions, out.detach(), [x.grad for x in parts]
+
+
+def _ring_inputs(S, H, Hkv, K, V):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, H, S, K, generator=g), torch.randn(2, Hkv, S, K, generator=g),
+            torch.randn(2, Hkv, S, V, generator=g), torch.randn(2, H, S, V, generator=g))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("world,H,Hkv,K,V", [(2, 4, 2, 8, 8), (4, 2, 2, 12, 8)], ids=["cp2-gqa", "cp4-mla-dims"])
+def test_ring_attention_matches_causal_sdpa(world, H, Hkv, K, V):
+    """Each rank's ring output and its q/k/v gradients equal causal SDPA over the whole sequence
+    (grouped-query heads; qk head dim != v head dim as in MLA; a non-default scale as YaRN's)."""
+    import torch.nn.functional as F
+
+    scale = 0.3
+    q, k, v, w = (x.requires_grad_() for x in _ring_inputs(world * 4, H, Hkv, K, V))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+    (want * w).sum().backward()
+    for positions, out, grads in run_ranks(world, _ring_rank, H, Hkv, K, V, scale):
+        torch.testing.assert_close(out, want.detach()[:, :, positions], rtol=1e-5, atol=1e-6)
+        for got, ref in zip(grads, (q.grad, k.grad, v.grad)):
+            torch.testing.assert_close(got, ref[:, :, positions], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.parametrize("attention,ffn_type", [("gqa", "dense"), ("mla", "mohge")])
-def test_context_parallel_matches_single_process(attention, ffn_type):
-    """cp=2 with load-balanced causal sharding: same loss and gradients as one process (GQA with
-    2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see the MoE aux test)."""
+@pytest.mark.parametrize("attention,ffn_type,comm", [
+    ("gqa", "dense", "ring"), ("mla", "mohge", "ring"), ("gqa", "dense", "all_gather"), ("mla", "mohge", "all_gather"),
+])
+def test_context_parallel_matches_single_process(attention, ffn_type, comm):
+    """cp=2 with load-balanced causal sharding, ring and all-gather attention: same loss and
+    gradients as one process (GQA with 2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see
+    the MoE aux test)."""
     want_loss, want = _loss_and_grads(attention, ffn_type)
-    for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type):
+    for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type, False, comm):
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
@@ -127,6 +166,7 @@ def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
     (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=4", "model.n_kv_heads=4", "train.seq_len=12"],
      "sequence parallel"),
     (["parallel.cp=0"], "parallel.cp: must be >= 1"),
+    (["parallel.cp_comm=ulysses"], "parallel.cp_comm: must be one of"),
 ])
 def test_bad_context_parallel_config_names_the_field(overrides, needle):
     from mohge.model.config import ConfigError
