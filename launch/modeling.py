@@ -105,12 +105,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wo = nn.Linear(c["n_heads"] * self.hd, c["d_model"], bias=False)
         self.scale = _softmax_scale(c, self.hd)
+        qk_norm = c.get("qk_norm", False)  # per-head RMSNorm of q and k before RoPE
+        self.q_norm = RMSNorm(self.hd, c["norm_eps"]) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hd, c["norm_eps"]) if qk_norm else nn.Identity()
 
     def forward(self, x, rope, mask=None, cache=None):
         """mask: None (plain causal, no cache) or bool [B, 1, S, S_past + S], True where allowed."""
         b, s, _ = x.shape
-        q = _apply_rope(self.wq(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
-        k = _apply_rope(self.wk(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
+        q = _apply_rope(self.q_norm(self.wq(x).view(b, s, -1, self.hd)), *rope).transpose(1, 2)
+        k = _apply_rope(self.k_norm(self.wk(x).view(b, s, -1, self.hd)), *rope).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
