@@ -196,12 +196,17 @@ class MoHGE(nn.Module):
         self.experts.groups = nn.ModuleList(ExpertGroup(g["num_experts"], d, g["ffn_hidden_size"]) for g in m["groups"])
         n_shared = m.get("num_shared_experts", 0)
         self.shared = SwiGLU(d, m["shared_ffn_hidden_size"] * n_shared) if n_shared else None
+        # aux-loss-free balancing's selection biases (training moves them; they only pick experts)
+        self.router.register_buffer("expert_bias", torch.zeros(sum(sizes)) if m.get("bias_update_rate") else None)
+        self.router.register_buffer("group_bias", torch.zeros(len(sizes)) if m.get("group_bias_update_rate") else None)
 
     def route(self, x):
         m, off = self.m, self.offsets
         x32 = x.float()
         p = torch.sigmoid(x32 @ self.router.group_gate.weight.float().t())
-        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(m["k_group"], -1).indices, True)
+        gb, eb = self.router.group_bias, self.router.expert_bias
+        pick = p if gb is None else p + gb.float()
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, pick.topk(m["k_group"], -1).indices, True)
         p = p * kept
         p = p / p.sum(-1, keepdim=True)
         logits = x32 @ self.router.expert_gate.weight.float().t()
@@ -209,7 +214,7 @@ class MoHGE(nn.Module):
         q = torch.cat([logits[:, off[g]:off[g + 1]].softmax(-1) for g in range(len(off) - 1)], -1)
         s = q * p[:, group_of]
         s = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        masked = s.masked_fill(~kept[:, group_of], float("-inf"))
+        masked = (s if eb is None else s + eb.float()).masked_fill(~kept[:, group_of], float("-inf"))
         if m.get("topk_mode", "global") == "global":
             idx = masked.topk(m["top_k"], -1).indices
         else:
