@@ -4,20 +4,22 @@ Shape legend: B batch, H query heads, Hkv key/value heads, Sl = S / cp local tok
 one chunk, K qk head dim, V v head dim.
 
 Each rank keeps its queries and passes its key/value block around the cp group: at step s it
-attends to the block of rank (r - s) mod cp while that block travels one hop further
-(`RingShift`, an isend/irecv pair). Per-block outputs come with their log-sum-exp and merge exactly
-(online softmax): out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i.
+attends to the block of rank (r - s) mod cp while the next hop is already in flight (isend/irecv,
+`_start_shift`). Per-block outputs come with their log-sum-exp and merge exactly (online
+softmax): out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i lse_i.
 
-With load-balanced sharding (rank r holds chunks r and 2cp-1-r) the causal mask needs no mask at
-all off the diagonal, as in megatron-core's ring: the block of a rank j < r is seen fully by all
-local queries through its first chunk only (its second chunk lies after both local chunks); the
-block of a rank j > r is seen fully by the local second chunk only. Those fully masked halves are
-skipped; only the own block (step 0) is causal.
+With load-balanced sharding (rank r holds chunks r and 2cp-1-r) no block off the diagonal needs a
+mask, as in megatron-core's ring: the block of a rank j < r is seen by all local queries through
+its first chunk only (its second chunk lies after both local chunks); the block of a rank j > r
+is seen whole by the local second chunk only. Those fully masked halves are skipped; only the own
+block (step 0) is causal.
 
-Backward is autograd through the block math and through `RingShift`, whose backward sends the
-key/value gradients back the way the blocks came. Each step's block attention is plain math
-(scores materialised, per block [Sl, Sl]), so it saves the per-block probabilities for backward;
-the all-gather flavour (`cp_comm=all_gather`) uses fused SDPA instead.
+`RingAttention` is one autograd.Function with its own backward, which sends the blocks around
+the ring a second time; each block's dK/dV accumulator travels with it and one last hop brings
+it home. Only the local q, k, v, output and log-sum-exp are saved, so a rank never holds more
+than two blocks of keys and values (the all-gather flavour keeps the whole sequence's for
+backward). Each block's scores are materialised in float32 ([Sq, Sk] per head, freed after the
+block): plain math that runs on CPU/gloo; a fused flash kernel per block would be the GPU speed-up.
 """
 
 from __future__ import annotations
@@ -27,48 +29,77 @@ import torch.distributed as dist
 from torch import nn
 
 
-class RingShift(torch.autograd.Function):
-    """Sends `x` to the next rank of the group and returns the previous rank's; backward sends the
-    gradient to the previous rank and returns the next rank's (the reverse hop)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return _shift(x, group, +1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _shift(grad, ctx.group, -1), None
-
-
-def _shift(x: torch.Tensor, group, step: int) -> torch.Tensor:
-    """Send to rank (r + step) mod cp, receive from rank (r - step) mod cp, both non-blocking."""
+def _start_shift(tensors, group, step: int = 1):
+    """Posts sends of `tensors` to rank (r + step) mod cp and receives of the same shapes from rank
+    (r - step) mod cp, non-blocking: returns the receive buffers and the requests to wait on."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    x = x.contiguous()
-    out = torch.empty_like(x)
     to = dist.get_global_rank(group, (rank + step) % cp)
     frm = dist.get_global_rank(group, (rank - step) % cp)
-    ops = [dist.P2POp(dist.isend, x, to, group), dist.P2POp(dist.irecv, out, frm, group)]
-    for req in dist.batch_isend_irecv(ops):
+    ops, outs = [], []
+    for x in tensors:
+        x = x.contiguous()
+        outs.append(torch.empty_like(x))
+        ops += [dist.P2POp(dist.isend, x, to, group), dist.P2POp(dist.irecv, outs[-1], frm, group)]
+    return outs, dist.batch_isend_irecv(ops)
+
+
+def _finish(outs, reqs):
+    for req in reqs:
         req.wait()
-    return out
+    return outs
+
+
+def _block_views(step: int, rank: int, cp: int, Sc: int):
+    """(query rows, key rows, causal) that the block held at `step` contributes through, under the
+    load-balanced sharding: the own block causally; an earlier rank's block through its first
+    chunk to every query; a later rank's whole block to the second query chunk only."""
+    src = (rank - step) % cp
+    if step == 0:
+        return slice(None), slice(None), True
+    if src < rank:
+        return slice(None), slice(0, Sc), False
+    return slice(Sc, None), slice(None), False
+
+
+def _expand_kv(x_BHkvSD: torch.Tensor, H: int) -> torch.Tensor:
+    """Grouped-query: query head h reads kv head h // (H / Hkv), as SDPA's enable_gqa."""
+    Hkv = x_BHkvSD.shape[1]
+    return x_BHkvSD if Hkv == H else x_BHkvSD.repeat_interleave(H // Hkv, dim=1)
+
+
+def _scores(q_BHSK, k_BHSK, scale: float, causal: bool) -> torch.Tensor:
+    scores = torch.matmul(q_BHSK.float(), _expand_kv(k_BHSK, q_BHSK.shape[1]).float().transpose(-1, -2)) * scale
+    if causal:  # q and k hold the same positions: query i sees keys <= i
+        Sq, Sk = scores.shape[-2:]
+        visible = torch.ones(Sq, Sk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores
 
 
 def block_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, causal: bool):
     """Attention of q over one key/value block: output [B,H,Sq,V] (float32) and its log-sum-exp
-    [B,H,Sq]. With `causal`, q and k hold the same positions (query i sees keys <= i)."""
-    H, Hkv = q_BHSK.shape[1], k_BHSK.shape[1]
-    if H != Hkv:  # grouped-query: query head h reads kv head h // (H / Hkv), as SDPA's enable_gqa
-        k_BHSK = k_BHSK.repeat_interleave(H // Hkv, dim=1)
-        v_BHSV = v_BHSV.repeat_interleave(H // Hkv, dim=1)
-    scores = torch.matmul(q_BHSK.float(), k_BHSK.float().transpose(-1, -2)) * scale
-    if causal:
-        Sq, Sk = scores.shape[-2:]
-        visible = torch.ones(Sq, Sk, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    [B,H,Sq]."""
+    scores = _scores(q_BHSK, k_BHSK, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v_BHSV.float())
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), _expand_kv(v_BHSV, q_BHSK.shape[1]).float())
     return out, lse
+
+
+def block_attention_backward(q_BHSK, k_BHSK, v_BHSV, dout_BHSV, lse_BHS, delta_BHS, scale: float, causal: bool):
+    """Gradients (float32) of one block's share of the attention, given the rows' global log-sum-exp
+    and delta = rowsum(dout * out): P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - delta),
+    dQ = dS K scale, dK = dS^T Q scale (kv-head gradients summed over their query heads)."""
+    H, Hkv = q_BHSK.shape[1], k_BHSK.shape[1]
+    p = torch.exp(_scores(q_BHSK, k_BHSK, scale, causal) - lse_BHS.unsqueeze(-1))
+    dout = dout_BHSV.float()
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    ds = p * (torch.matmul(dout, _expand_kv(v_BHSV, H).float().transpose(-1, -2)) - delta_BHS.unsqueeze(-1))
+    dq = torch.matmul(ds, _expand_kv(k_BHSK, H).float()) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q_BHSK.float()) * scale
+    if H != Hkv:
+        B, _, S, _ = dk.shape
+        dk, dv = dk.view(B, Hkv, H // Hkv, S, -1).sum(2), dv.view(B, Hkv, H // Hkv, S, -1).sum(2)
+    return dq, dk, dv
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -78,25 +109,63 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+class RingAttention(torch.autograd.Function):
+    """Causal attention of this rank's load-balanced queries over the cp group's whole sequence.
+
+    Forward: the key/value blocks go once around the ring (the next hop posted before the current
+    block is computed), partial outputs merge by log-sum-exp. Backward: the blocks go around again
+    and each block's dK/dV accumulator travels with it, one last hop bringing it home; only the
+    local q, k, v, output and log-sum-exp are saved."""
+
+    @staticmethod
+    def forward(ctx, q_BHSK, k_BHSK, v_BHSV, scale: float, group):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        Sc = q_BHSK.shape[2] // 2
+        k, v = k_BHSK, v_BHSV
+        out = lse = None
+        for step in range(cp):
+            pending = _start_shift((k, v), group) if step + 1 < cp else None
+            rows, keys, causal = _block_views(step, rank, cp, Sc)
+            o, l = block_attention(q_BHSK[:, :, rows], k[:, :, keys], v[:, :, keys], scale, causal)
+            if out is None:
+                out, lse = o, l
+            else:
+                out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o, l)
+            if pending is not None:
+                k, v = _finish(*pending)
+        ctx.save_for_backward(q_BHSK, k_BHSK, v_BHSV, out, lse)
+        ctx.scale, ctx.group = scale, group
+        return out.to(q_BHSK.dtype)
+
+    @staticmethod
+    def backward(ctx, dout_BHSV):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale = ctx.group, ctx.scale
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        Sc = q.shape[2] // 2
+        delta = (dout_BHSV.float() * out).sum(-1)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for step in range(cp):
+            pending = _start_shift((k, v), group) if step + 1 < cp else None
+            rows, keys, causal = _block_views(step, rank, cp, Sc)
+            gq, gk, gv = block_attention_backward(q[:, :, rows], k[:, :, keys], v[:, :, keys], dout_BHSV[:, :, rows],
+                                                  lse[:, :, rows], delta[:, :, rows], scale, causal)
+            dq[:, :, rows] += gq
+            dk[:, :, keys] += gk
+            dv[:, :, keys] += gv
+            dk, dv = _finish(*_start_shift((dk, dv), group))  # the gradients follow their block
+            if pending is not None:
+                k, v = _finish(*pending)
+        # after cp hops every block's dK/dV accumulator is back on the rank that owns the block
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
 def ring_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, group) -> torch.Tensor:
     """Causal attention of this rank's (load-balanced) queries over the whole sequence of the cp
     group, the key/value blocks travelling around the ring."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    Sc = q_BHSK.shape[2] // 2
-    out, lse = block_attention(q_BHSK, k_BHSK, v_BHSV, scale, causal=True)
-    k, v = k_BHSK, v_BHSV
-    for step in range(1, cp):
-        k, v = RingShift.apply(k, group), RingShift.apply(v, group)
-        src = (rank - step) % cp
-        if src < rank:  # all local queries see the source's first chunk, none its second
-            o, l = block_attention(q_BHSK, k[:, :, :Sc], v[:, :, :Sc], scale, causal=False)
-            out, lse = merge(out, lse, o, l)
-        else:  # only the local second chunk sees the source, and all of it
-            o, l = block_attention(q_BHSK[:, :, Sc:], k, v, scale, causal=False)
-            late, late_lse = merge(out[:, :, Sc:], lse[:, :, Sc:], o, l)
-            out = torch.cat([out[:, :, :Sc], late], dim=2)
-            lse = torch.cat([lse[:, :, :Sc], late_lse], dim=2)
-    return out.to(q_BHSK.dtype)
+    return RingAttention.apply(q_BHSK, k_BHSK, v_BHSV, scale, group)
 
 
 class RingSDPA(nn.Module):

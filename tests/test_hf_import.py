@@ -26,9 +26,21 @@ def _hf(kind: str, **extra):
     if kind == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**SMALL, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
                                           num_experts_per_tok=3, norm_topk_prob=True, head_dim=8, **extra)
-        return transformers.Qwen3MoeForCausalLM(cfg)
+        return _random_qk_norms(transformers.Qwen3MoeForCausalLM(cfg))
+    if kind == "qwen3":
+        cfg = transformers.Qwen3Config(**SMALL, intermediate_size=40, head_dim=8, **extra)
+        return _random_qk_norms(transformers.Qwen3ForCausalLM(cfg))
     cfg = transformers.LlamaConfig(**SMALL, intermediate_size=40, **extra)
     return transformers.LlamaForCausalLM(cfg)
+
+
+def _random_qk_norms(model):
+    """q/k norm weights away from their initial ones, so that a dropped or swapped norm shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 def _training_model(run_dir) -> torch.nn.Module:
@@ -43,7 +55,7 @@ def _save(model, path):
     return path
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "llama"])
+@pytest.mark.parametrize("kind", ["mixtral", "llama", "qwen3_moe", "qwen3"])
 def test_imported_model_has_the_hf_logits(kind, tmp_path):
     hf = _hf(kind).eval()
     _save(hf, tmp_path / "hf")
@@ -55,7 +67,8 @@ def test_imported_model_has_the_hf_logits(kind, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "run" / "model.yaml").is_file()
     meta = read_meta(find_latest(str(tmp_path / "run")))["model"]
-    assert meta["ffn_type"] == ("mohge" if kind == "mixtral" else "dense")
+    assert meta["ffn_type"] == ("dense" if kind in ("llama", "qwen3") else "mohge")
+    assert meta["qk_norm"] == kind.startswith("qwen3")  # Qwen3's per-head q/k norms: model.qk_norm
 
 
 def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
@@ -72,12 +85,16 @@ def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_qwen3_moe_with_qk_norm_is_refused_by_name(tmp_path, capsys):
-    """Qwen3-MoE's q/k RMSNorm has no mohge counterpart (head_dim = hidden/heads here, so it is the
-    first thing that does not map)."""
+def test_qwen3_moe_with_a_norm_missing_is_refused_by_name(tmp_path, capsys):
+    """A Qwen3-MoE folder lacking one layer's k norm: the missing tensor is named."""
+    from safetensors.torch import load_file, save_file
+
     _save(_hf("qwen3_moe"), tmp_path / "hf")
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del state["model.layers.1.self_attn.k_norm.weight"]
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 2
-    assert "self_attn.k_norm.weight: no mohge counterpart" in capsys.readouterr().err
+    assert "model.layers.1.self_attn.k_norm.weight: missing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field,value,message", [
