@@ -2,7 +2,8 @@
 
 Maps Mixtral- and Qwen-MoE-style models (SwiGLU experts, softmax top-k router with renormalised
 weights, RMSNorm, RoPE, GQA; Qwen3's per-head q/k norms as model.qk_norm) to a one-group MoHGE,
-and Llama/Mistral/Qwen3-style dense models to
+DeepSeek-V2-style dense models with multi-head latent attention to model.attention=mla
+(launch/hf_import_mla.py), and Llama/Mistral/Qwen3-style dense models to
 ffn_type=dense, or with --upcycle-experts N to N copies of the dense FFN behind a new router
 (the output is the dense output at first, since the combine weights sum to one). Every tensor
 name is mapped explicitly; a config field or tensor that has no exact mohge counterpart (biases,
@@ -54,9 +55,15 @@ def _rope_theta(hf: dict) -> float:
 
 def model_config(hf: dict, upcycle_experts: int = 0, upcycle_top_k: int = 2) -> dict:
     """The mohge model dict equivalent to an HF config.json, or CheckpointError naming the field."""
+    from mohge.launch.hf_import_mla import MLA_TYPES, mla_model_config
+
     kind = hf.get("model_type")
+    if kind in MLA_TYPES:
+        if upcycle_experts:
+            raise CheckpointError(f"--upcycle-experts: not supported for {kind} (MLA) models yet")
+        return mla_model_config(hf)
     if kind not in MOE_TYPES + DENSE_TYPES:
-        _refuse("model_type", kind, f"supported: {', '.join(MOE_TYPES + DENSE_TYPES)}")
+        _refuse("model_type", kind, f"supported: {', '.join(MOE_TYPES + DENSE_TYPES + MLA_TYPES)}")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("hidden_act", "silu") != "silu":
         _refuse("hidden_act", hf["hidden_act"], "experts and FFNs are SwiGLU (silu)")
@@ -120,6 +127,11 @@ def map_state(hf: dict, state: dict[str, torch.Tensor], model: dict, seed: int =
     gen = torch.Generator().manual_seed(seed)
     for i in range(model["n_layers"]):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
+        if model.get("attention") == "mla":
+            from mohge.launch.hf_import_mla import map_mla_layer
+
+            out.update(map_mla_layer(take, src, dst, model))
+            continue
         for a, b in {**ATTENTION, **(QK_NORM if model.get("qk_norm") else {})}.items():
             out[dst + b] = take(src + a)
         if kind in MOE_TYPES:

@@ -30,6 +30,14 @@ def _hf(kind: str, **extra):
     if kind == "qwen3":
         cfg = transformers.Qwen3Config(**SMALL, intermediate_size=40, head_dim=8, **extra)
         return _random_qk_norms(transformers.Qwen3ForCausalLM(cfg))
+    if kind == "deepseek_v2":  # all layers dense: MLA (+ YaRN) is what maps
+        small = {**SMALL, "num_key_value_heads": 4}
+        extra = {"q_lora_rank": None, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                          "original_max_position_embeddings": 16, "mscale": 0.707,
+                                                          "mscale_all_dim": 0.707}, **extra}
+        cfg = transformers.DeepseekV2Config(**small, intermediate_size=40, first_k_dense_replace=2, kv_lora_rank=12,
+                                            qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, **extra)
+        return _random_qk_norms(transformers.DeepseekV2ForCausalLM(cfg))
     cfg = transformers.LlamaConfig(**SMALL, intermediate_size=40, **extra)
     return transformers.LlamaForCausalLM(cfg)
 
@@ -38,7 +46,7 @@ def _random_qk_norms(model):
     """q/k norm weights away from their initial ones, so that a dropped or swapped norm shows."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
+            if name.endswith(("q_norm.weight", "k_norm.weight", "layernorm.weight")):
                 p.uniform_(0.5, 1.5)
     return model
 
@@ -83,6 +91,28 @@ def test_upcycled_dense_model_starts_with_the_dense_logits(tmp_path):
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [{}, {"q_lora_rank": 10, "rope_parameters": {"rope_type": "default",
+                                                                                 "rope_theta": 5000.0}}],
+                         ids=["yarn-full-q", "plain-rope-q-lora"])
+def test_deepseek_v2_mla_model_has_the_hf_logits(tmp_path, capsys, extra):
+    """A DeepSeek-V2 model (MLA, dense FFNs) imports as model.attention=mla with the HF logits: the
+    interleaved rotary rows are permuted to mohge's rotate-half layout, YaRN and its softmax
+    temperature carry over; MoE layers are refused by name."""
+    hf = _hf("deepseek_v2", **extra).eval()
+    _save(hf, tmp_path / "hf")
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "run")]) == 0
+    meta = read_meta(find_latest(str(tmp_path / "run")))["model"]
+    assert meta["attention"] == "mla" and meta["mla"]["q_lora_rank"] == extra.get("q_lora_rank", 0)
+    tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(_training_model(tmp_path / "run")(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["first_k_dense_replace"] = 1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert convert_main(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "moe")]) == 2
+    assert "first_k_dense_replace=1" in capsys.readouterr().err
 
 
 def test_qwen3_moe_with_a_norm_missing_is_refused_by_name(tmp_path, capsys):
