@@ -154,6 +154,9 @@ def validate_context_parallel(run_cfg) -> None:
         raise ConfigError("model.moe.balance_scope=sequence: not supported with parallel.cp > 1 yet (a sequence's "
                           "tokens live on several ranks); use micro_batch or global_batch, or parallel.cp=1")
     if cp == 1:
+        if p.cp_comm != "ring":
+            raise ConfigError(f"parallel.cp_comm={p.cp_comm}: only applies with parallel.cp > 1; set parallel.cp or "
+                              "drop parallel.cp_comm")
         return
     dp = p.dp_replicate * p.dp_shard
     if dp % cp:

@@ -169,6 +169,7 @@ def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
      "sequence parallel"),
     (["parallel.cp=0"], "parallel.cp: must be >= 1"),
     (["parallel.cp_comm=ulysses"], "parallel.cp_comm: must be one of"),
+    (["parallel.cp_comm=all_gather"], "parallel.cp_comm=all_gather: only applies with parallel.cp > 1"),
 ])
 def test_bad_context_parallel_config_names_the_field(overrides, needle):
     from mohge.model.config import ConfigError
