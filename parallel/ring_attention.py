@@ -119,47 +119,61 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_BHSK, k_BHSK, v_BHSV, scale: float, group):
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        Sc = q_BHSK.shape[2] // 2
-        k, v = k_BHSK, v_BHSV
-        out = lse = None
-        for step in range(cp):
-            pending = _start_shift((k, v), group) if step + 1 < cp else None
-            rows, keys, causal = _block_views(step, rank, cp, Sc)
-            o, l = block_attention(q_BHSK[:, :, rows], k[:, :, keys], v[:, :, keys], scale, causal)
-            if out is None:
-                out, lse = o, l
-            else:
-                out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o, l)
-            if pending is not None:
-                k, v = _finish(*pending)
+        # the block math is float32 by design: an enclosing bf16 autocast must not downcast it
+        with torch.autocast(q_BHSK.device.type, enabled=False):
+            out, lse = _ring_forward(q_BHSK, k_BHSK, v_BHSV, scale, group)
         ctx.save_for_backward(q_BHSK, k_BHSK, v_BHSV, out, lse)
         ctx.scale, ctx.group = scale, group
         return out.to(q_BHSK.dtype)
 
     @staticmethod
     def backward(ctx, dout_BHSV):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, scale = ctx.group, ctx.scale
-        cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        Sc = q.shape[2] // 2
-        delta = (dout_BHSV.float() * out).sum(-1)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for step in range(cp):
-            pending = _start_shift((k, v), group) if step + 1 < cp else None
-            rows, keys, causal = _block_views(step, rank, cp, Sc)
-            gq, gk, gv = block_attention_backward(q[:, :, rows], k[:, :, keys], v[:, :, keys], dout_BHSV[:, :, rows],
-                                                  lse[:, :, rows], delta[:, :, rows], scale, causal)
-            dq[:, :, rows] += gq
-            dk[:, :, keys] += gk
-            dv[:, :, keys] += gv
-            dk, dv = _finish(*_start_shift((dk, dv), group))  # the gradients follow their block
-            if pending is not None:
-                k, v = _finish(*pending)
-        # after cp hops every block's dK/dV accumulator is back on the rank that owns the block
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        with torch.autocast(dout_BHSV.device.type, enabled=False):
+            return _ring_backward(ctx, dout_BHSV)
+
+
+def _ring_forward(q_BHSK, k_BHSK, v_BHSV, scale: float, group):
+    """Output [B,H,Sl,V] and log-sum-exp [B,H,Sl] (float32) over all blocks of the ring."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    Sc = q_BHSK.shape[2] // 2
+    k, v = k_BHSK, v_BHSV
+    out = lse = None
+    for step in range(cp):
+        pending = _start_shift((k, v), group) if step + 1 < cp else None
+        rows, keys, causal = _block_views(step, rank, cp, Sc)
+        o, l = block_attention(q_BHSK[:, :, rows], k[:, :, keys], v[:, :, keys], scale, causal)
+        if out is None:
+            out, lse = o, l
+        else:
+            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o, l)
+        if pending is not None:
+            k, v = _finish(*pending)
+    return out, lse
+
+
+def _ring_backward(ctx, dout_BHSV):
+    """dq, dk, dv of the local inputs: the blocks go around again, dK/dV travel with them."""
+    q, k, v, out, lse = ctx.saved_tensors
+    group, scale = ctx.group, ctx.scale
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    Sc = q.shape[2] // 2
+    delta = (dout_BHSV.float() * out).sum(-1)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for step in range(cp):
+        pending = _start_shift((k, v), group) if step + 1 < cp else None
+        rows, keys, causal = _block_views(step, rank, cp, Sc)
+        gq, gk, gv = block_attention_backward(q[:, :, rows], k[:, :, keys], v[:, :, keys], dout_BHSV[:, :, rows],
+                                              lse[:, :, rows], delta[:, :, rows], scale, causal)
+        dq[:, :, rows] += gq
+        dk[:, :, keys] += gk
+        dv[:, :, keys] += gv
+        dk, dv = _finish(*_start_shift((dk, dv), group))  # the gradients follow their block
+        if pending is not None:
+            k, v = _finish(*pending)
+    # after cp hops every block's dK/dV accumulator is back on the rank that owns the block
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def ring_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, group) -> torch.Tensor:
