@@ -49,10 +49,9 @@ def _rank(rank, world, args):
     all_pos = torch.cat([load_balanced_positions(args.seq_len, world, r) for r in range(world)])
     cores = {"ring": RingSDPA(group), "all_gather": ContextParallelSDPA(group, pos, all_pos)}
     scale = args.qk_dim**-0.5
-    rows, results = {}, {}
-    for name, core in cores.items():
-        times = []
-        for rep in range(args.warmup + args.reps):
+    rows, results, times, saved_bytes = {}, {}, {n: [] for n in cores}, {}
+    for rep in range(args.warmup + args.reps):  # flavours alternate, so load changes hit both alike
+        for name, core in cores.items():
             q, k, v = _inputs(args, rank)
             inputs = {x.untyped_storage().data_ptr() for x in (q, k, v)}
             seen = {}
@@ -69,16 +68,17 @@ def _rank(rank, world, args):
             out.backward(torch.ones_like(out))
             dist.barrier()
             if rep >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        saved = sum(b for ptr, b in seen.items() if ptr not in inputs)
-        results[name] = [out.detach(), q.grad, k.grad, v.grad]
+                times[name].append(time.perf_counter() - t0)
+            saved_bytes[name] = sum(b for ptr, b in seen.items() if ptr not in inputs)
+            results[name] = [out.detach(), q.grad, k.grad, v.grad]
+    for name in cores:
         Sl, e = args.seq_len // world, 4  # fp32 elements
         kv_block = Sl * args.kv_heads * (args.qk_dim + args.v_dim) * e
         if name == "ring":
             sent = (world - 1) * kv_block + (world - 1) * kv_block + world * kv_block
         else:
             sent = (world - 1) * kv_block + 2 * (world - 1) / world * world * kv_block
-        rows[name] = {"fwd_bwd_ms": 1e3 * statistics.median(times), "saved_MiB": saved / 2**20,
+        rows[name] = {"fwd_bwd_ms": 1e3 * statistics.median(times[name]), "saved_MiB": saved_bytes[name] / 2**20,
                       "sent_MiB": sent / 2**20}
     diff = max((a - b).abs().max().item() for a, b in zip(results["ring"], results["all_gather"]))
     return rows, diff
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--qk-dim", type=int, default=64)
     parser.add_argument("--v-dim", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="runs/bench_cp.json")
     args = parser.parse_args()
     rows, diff = run_ranks(args.cp, _rank, args)[0]

@@ -18,14 +18,17 @@ block (step 0) is causal.
 the ring a second time; each block's dK/dV accumulator travels with it and one last hop brings
 it home. Only the local q, k, v, output and log-sum-exp are saved, so a rank never holds more
 than two blocks of keys and values (the all-gather flavour keeps the whole sequence's for
-backward). Each block's scores are materialised in float32 ([Sq, Sk] per head, freed after the
-block): plain math that runs on CPU/gloo; a fused flash kernel per block would be the GPU speed-up.
+backward). Each block runs on CPU through the flash kernel that returns the log-sum-exp
+(`_scaled_dot_product_flash_attention_for_cpu` and its backward, fed the global output and
+log-sum-exp); elsewhere through plain float32 math (scores materialised per block and head,
+freed after it). Wiring the CUDA flash/efficient kernels the same way is the GPU speed-up left.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -76,30 +79,71 @@ def _scores(q_BHSK, k_BHSK, scale: float, causal: bool) -> torch.Tensor:
     return scores
 
 
-def block_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, causal: bool):
-    """Attention of q over one key/value block: output [B,H,Sq,V] (float32) and its log-sum-exp
-    [B,H,Sq]."""
+def math_block_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, causal: bool):
+    """Attention of q over one key/value block in plain float32 math: output [B,H,Sq,V] and its
+    log-sum-exp [B,H,Sq]."""
     scores = _scores(q_BHSK, k_BHSK, scale, causal)
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), _expand_kv(v_BHSV, q_BHSK.shape[1]).float())
     return out, lse
 
 
-def block_attention_backward(q_BHSK, k_BHSK, v_BHSV, dout_BHSV, lse_BHS, delta_BHS, scale: float, causal: bool):
-    """Gradients (float32) of one block's share of the attention, given the rows' global log-sum-exp
-    and delta = rowsum(dout * out): P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - delta),
-    dQ = dS K scale, dK = dS^T Q scale (kv-head gradients summed over their query heads)."""
+def math_block_attention_backward(q_BHSK, k_BHSK, v_BHSV, dout_BHSV, out_BHSV, lse_BHS, scale: float, causal: bool):
+    """Gradients (float32) of one block's share of the attention, given the rows' global output
+    and log-sum-exp: P = exp(S - lse), delta = rowsum(dO * O), dV = P^T dO,
+    dS = P (dO V^T - delta), dQ = dS K scale, dK = dS^T Q scale (kv-head gradients summed over
+    their query heads)."""
     H, Hkv = q_BHSK.shape[1], k_BHSK.shape[1]
     p = torch.exp(_scores(q_BHSK, k_BHSK, scale, causal) - lse_BHS.unsqueeze(-1))
     dout = dout_BHSV.float()
+    delta = (dout * out_BHSV).sum(-1, keepdim=True)
     dv = torch.matmul(p.transpose(-1, -2), dout)
-    ds = p * (torch.matmul(dout, _expand_kv(v_BHSV, H).float().transpose(-1, -2)) - delta_BHS.unsqueeze(-1))
+    ds = p * (torch.matmul(dout, _expand_kv(v_BHSV, H).float().transpose(-1, -2)) - delta)
     dq = torch.matmul(ds, _expand_kv(k_BHSK, H).float()) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q_BHSK.float()) * scale
     if H != Hkv:
         B, _, S, _ = dk.shape
         dk, dv = dk.view(B, Hkv, H // Hkv, S, -1).sum(2), dv.view(B, Hkv, H // Hkv, S, -1).sum(2)
     return dq, dk, dv
+
+
+def _pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """The CPU flash kernel (returns the log-sum-exp; its backward takes the global output and
+    log-sum-exp, as a ring needs). Other devices use the math path."""
+    return x.device.type == "cpu" and FUSED_CPU
+
+
+FUSED_CPU = True  # tests switch it off to check the math path against the kernel
+
+
+def block_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, causal: bool):
+    """Output [B,H,Sq,V] (float32) and log-sum-exp [B,H,Sq] of q over one key/value block. With
+    `causal`, q and k hold the same positions (query i sees keys <= i). The CPU kernel wants one
+    head size, so MLA's qk and v dims are zero-padded to the larger (scores and outputs unchanged)."""
+    if not _fused(q_BHSK):
+        return math_block_attention(q_BHSK, k_BHSK, v_BHSV, scale, causal)
+    K, V = q_BHSK.shape[-1], v_BHSV.shape[-1]
+    D = max(K, V)
+    q, k, v = (_pad(x.float().contiguous(), D) for x in (q_BHSK, k_BHSK, v_BHSV))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out[..., :V], lse
+
+
+def block_attention_backward(q_BHSK, k_BHSK, v_BHSV, dout_BHSV, out_BHSV, lse_BHS, scale: float, causal: bool):
+    """dq [B,H,Sq,K], dk [B,Hkv,Sk,K], dv [B,Hkv,Sk,V] (float32) of one block's share, from the rows'
+    global output and log-sum-exp."""
+    if not _fused(q_BHSK):
+        return math_block_attention_backward(q_BHSK, k_BHSK, v_BHSV, dout_BHSV, out_BHSV, lse_BHS, scale, causal)
+    K, V = q_BHSK.shape[-1], v_BHSV.shape[-1]
+    D = max(K, V)
+    q, k, v, dout, out = (_pad(x.float().contiguous(), D) for x in (q_BHSK, k_BHSK, v_BHSV, dout_BHSV, out_BHSV))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse_BHS.contiguous(), 0.0, causal, scale=scale)
+    return dq[..., :K], dk[..., :K], dv[..., :V]
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -157,7 +201,6 @@ def _ring_backward(ctx, dout_BHSV):
     group, scale = ctx.group, ctx.scale
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     Sc = q.shape[2] // 2
-    delta = (dout_BHSV.float() * out).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -165,7 +208,7 @@ def _ring_backward(ctx, dout_BHSV):
         pending = _start_shift((k, v), group) if step + 1 < cp else None
         rows, keys, causal = _block_views(step, rank, cp, Sc)
         gq, gk, gv = block_attention_backward(q[:, :, rows], k[:, :, keys], v[:, :, keys], dout_BHSV[:, :, rows],
-                                              lse[:, :, rows], delta[:, :, rows], scale, causal)
+                                              out[:, :, rows], lse[:, :, rows], scale, causal)
         dq[:, :, rows] += gq
         dk[:, :, keys] += gk
         dv[:, :, keys] += gv
