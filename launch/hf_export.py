@@ -29,10 +29,12 @@ MODEL_FILES = ("modeling.py", "configuration_mohge.py", "modeling_mohge.py")
 # later (another attention or routing variant) passes only at its dataclass default or a neutral
 # value; anything else is refused until modeling.py learns it.
 EXPORTED_MODEL = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_size", "max_seq_len",
-                  "rope_theta", "norm_eps", "tie_embeddings", "init_std", "ffn_type", "first_k_dense", "moe"}
+                  "rope_theta", "norm_eps", "tie_embeddings", "init_std", "ffn_type", "first_k_dense", "moe",
+                  "attention", "mla", "rope_scaling", "qk_norm"}
 EXPORTED_MOE = {"groups", "k_group", "top_k", "topk_mode", "combine", "num_shared_experts", "shared_ffn_hidden_size",
                 "group_aux_coeff", "group_aux_start_fraction", "group_aux_width_interval", "intra_aux_coeff",
-                "z_loss_coeff", "router_init_std", "expert_compute", "allocation", "capacity_factor"}
+                "z_loss_coeff", "router_init_std", "expert_compute", "allocation", "capacity_factor",
+                "balance_scope", "bias_update_rate", "group_bias_update_rate"}
 NEUTRAL = (None, False, 0, 0.0, "", "none", "mha", "gqa", "default")
 
 

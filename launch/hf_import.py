@@ -1,11 +1,13 @@
 """Open transformers checkpoints -> a mohge starting point (`mohge-convert import-hf`).
 
 Maps Mixtral- and Qwen-MoE-style models (SwiGLU experts, softmax top-k router with renormalised
-weights, RMSNorm, RoPE, GQA) to a one-group MoHGE, and Llama/Mistral-style dense models to
+weights, RMSNorm, RoPE, GQA; Qwen3's per-head q/k norms as model.qk_norm) to a one-group MoHGE,
+DeepSeek-V2-style dense models with multi-head latent attention to model.attention=mla
+(launch/hf_import_mla.py), and Llama/Mistral/Qwen3-style dense models to
 ffn_type=dense, or with --upcycle-experts N to N copies of the dense FFN behind a new router
 (the output is the dense output at first, since the combine weights sum to one). Every tensor
 name is mapped explicitly; a config field or tensor that has no exact mohge counterpart (biases,
-q/k norms, sliding windows, RoPE scaling, shared-expert gates, unnormalised top-k weights, ...)
+sliding windows, RoPE scaling, shared-expert gates, unnormalised top-k weights, ...)
 is refused by name. The result is a weights-only DCP checkpoint plus RUN_DIR/model.yaml, the
 model config a run must use to resume it.
 """
@@ -23,7 +25,9 @@ from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.train.checkpoint import CheckpointError
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-DENSE_TYPES = ("llama", "mistral")
+DENSE_TYPES = ("llama", "mistral", "qwen3")
+QK_NORM_TYPES = ("qwen3", "qwen3_moe")  # per-head q/k RMSNorm before RoPE: mohge's model.qk_norm
+QK_NORM = {"self_attn.q_norm.weight": "attention.q_norm.weight", "self_attn.k_norm.weight": "attention.k_norm.weight"}
 # per layer: HF name (after "model.layers.{i}.") -> mohge name (after "layers.{i}.")
 ATTENTION = {"input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
              "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
@@ -51,9 +55,15 @@ def _rope_theta(hf: dict) -> float:
 
 def model_config(hf: dict, upcycle_experts: int = 0, upcycle_top_k: int = 2) -> dict:
     """The mohge model dict equivalent to an HF config.json, or CheckpointError naming the field."""
+    from mohge.launch.hf_import_mla import MLA_TYPES, mla_model_config
+
     kind = hf.get("model_type")
+    if kind in MLA_TYPES:
+        if upcycle_experts:
+            raise CheckpointError(f"--upcycle-experts: not supported for {kind} (MLA) models yet")
+        return mla_model_config(hf)
     if kind not in MOE_TYPES + DENSE_TYPES:
-        _refuse("model_type", kind, f"supported: {', '.join(MOE_TYPES + DENSE_TYPES)}")
+        _refuse("model_type", kind, f"supported: {', '.join(MOE_TYPES + DENSE_TYPES + MLA_TYPES)}")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("hidden_act", "silu") != "silu":
         _refuse("hidden_act", hf["hidden_act"], "experts and FFNs are SwiGLU (silu)")
@@ -68,7 +78,7 @@ def model_config(hf: dict, upcycle_experts: int = 0, upcycle_top_k: int = 2) -> 
                       n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
                       max_seq_len=hf["max_position_embeddings"], rope_theta=_rope_theta(hf),
                       norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings")),
-                      init_std=hf.get("initializer_range", 0.02), ffn_type="dense")
+                      init_std=hf.get("initializer_range", 0.02), ffn_type="dense", qk_norm=kind in QK_NORM_TYPES)
     if kind in MOE_TYPES:
         if upcycle_experts:
             raise CheckpointError(f"--upcycle-experts: {kind} is already a mixture of experts; upcycling takes a dense model")
@@ -117,7 +127,12 @@ def map_state(hf: dict, state: dict[str, torch.Tensor], model: dict, seed: int =
     gen = torch.Generator().manual_seed(seed)
     for i in range(model["n_layers"]):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for a, b in ATTENTION.items():
+        if model.get("attention") == "mla":
+            from mohge.launch.hf_import_mla import map_mla_layer
+
+            out.update(map_mla_layer(take, src, dst, model))
+            continue
+        for a, b in {**ATTENTION, **(QK_NORM if model.get("qk_norm") else {})}.items():
             out[dst + b] = take(src + a)
         if kind in MOE_TYPES:
             gate_name, pattern, roles = MOE_NAMES["mixtral" if kind == "mixtral" else "qwen"]

@@ -105,12 +105,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c["d_model"], c["n_kv_heads"] * self.hd, bias=False)
         self.wo = nn.Linear(c["n_heads"] * self.hd, c["d_model"], bias=False)
         self.scale = _softmax_scale(c, self.hd)
+        qk_norm = c.get("qk_norm", False)  # per-head RMSNorm of q and k before RoPE
+        self.q_norm = RMSNorm(self.hd, c["norm_eps"]) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hd, c["norm_eps"]) if qk_norm else nn.Identity()
 
     def forward(self, x, rope, mask=None, cache=None):
         """mask: None (plain causal, no cache) or bool [B, 1, S, S_past + S], True where allowed."""
         b, s, _ = x.shape
-        q = _apply_rope(self.wq(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
-        k = _apply_rope(self.wk(x).view(b, s, -1, self.hd), *rope).transpose(1, 2)
+        q = _apply_rope(self.q_norm(self.wq(x).view(b, s, -1, self.hd)), *rope).transpose(1, 2)
+        k = _apply_rope(self.k_norm(self.wk(x).view(b, s, -1, self.hd)), *rope).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -193,12 +196,17 @@ class MoHGE(nn.Module):
         self.experts.groups = nn.ModuleList(ExpertGroup(g["num_experts"], d, g["ffn_hidden_size"]) for g in m["groups"])
         n_shared = m.get("num_shared_experts", 0)
         self.shared = SwiGLU(d, m["shared_ffn_hidden_size"] * n_shared) if n_shared else None
+        # aux-loss-free balancing's selection biases (training moves them; they only pick experts)
+        self.router.register_buffer("expert_bias", torch.zeros(sum(sizes)) if m.get("bias_update_rate") else None)
+        self.router.register_buffer("group_bias", torch.zeros(len(sizes)) if m.get("group_bias_update_rate") else None)
 
     def route(self, x):
         m, off = self.m, self.offsets
         x32 = x.float()
         p = torch.sigmoid(x32 @ self.router.group_gate.weight.float().t())
-        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(m["k_group"], -1).indices, True)
+        gb, eb = self.router.group_bias, self.router.expert_bias
+        pick = p if gb is None else p + gb.float()
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, pick.topk(m["k_group"], -1).indices, True)
         p = p * kept
         p = p / p.sum(-1, keepdim=True)
         logits = x32 @ self.router.expert_gate.weight.float().t()
@@ -206,7 +214,7 @@ class MoHGE(nn.Module):
         q = torch.cat([logits[:, off[g]:off[g + 1]].softmax(-1) for g in range(len(off) - 1)], -1)
         s = q * p[:, group_of]
         s = s / s.sum(-1, keepdim=True).clamp_min(1e-20)
-        masked = s.masked_fill(~kept[:, group_of], float("-inf"))
+        masked = (s if eb is None else s + eb.float()).masked_fill(~kept[:, group_of], float("-inf"))
         if m.get("topk_mode", "global") == "global":
             idx = masked.topk(m["top_k"], -1).indices
         else:

@@ -313,6 +313,7 @@ class ModelConfig:
     attention: str = "gqa"  # "gqa" (grouped-query) | "mla" (multi-head latent, dims in `mla`)
     mla: MLAConfig = field(default_factory=MLAConfig)  # used only with attention=mla
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    qk_norm: bool = False  # gqa: RMSNorm over head_dim of q and k before RoPE (mla: model.mla.qk_norm)
 
     @property
     def head_dim(self) -> int:
@@ -354,6 +355,8 @@ class ModelConfig:
             self.mla.validate()
             _require(self.n_kv_heads == self.n_heads, "model.n_kv_heads",
                      "MLA has one key/value per query head: set n_kv_heads = n_heads with attention=mla")
+            _require(not self.qk_norm, "model.qk_norm", "applies to attention=gqa; MLA normalises its latents "
+                     "with model.mla.qk_norm, so set model.qk_norm=false")
         else:
             _require(self.mla == MLAConfig(), "model.mla", "is set but model.attention=gqa; set "
                      "model.attention=mla or drop the model.mla overrides")
@@ -364,7 +367,7 @@ class ModelConfig:
         if self.attention == "mla":
             return self.mla.params(self.d_model, self.n_heads)
         kv_dim = self.n_kv_heads * self.head_dim
-        return self.d_model * self.d_model * 2 + self.d_model * kv_dim * 2
+        return self.d_model * self.d_model * 2 + self.d_model * kv_dim * 2 + 2 * self.head_dim * self.qk_norm
 
     def _dense_ffn_params(self) -> int:
         return 3 * self.d_model * self.ffn_hidden_size

@@ -21,7 +21,8 @@ class Attention(nn.Module):
     plan that shards wq/wk/wv column-wise needs no change here.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, softmax_scale_factor: float = 1.0):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, softmax_scale_factor: float = 1.0,
+                 qk_norm: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         self.head_dim = d_model // n_heads
         self.softmax_scale = self.head_dim**-0.5 * softmax_scale_factor  # YaRN's temperature, if any
@@ -30,11 +31,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.core: nn.Module = CausalSDPA()  # context parallel swaps in a whole-sequence one
+        # qk-norm (Qwen3, OLMo-2 per head): RMSNorm over Dh of every q and k head, before RoPE; one
+        # weight [Dh] shared by the heads. Under tensor parallel a rank holds only some heads, so the
+        # TP plan swaps this identity for a gradient all-reduce of the (replicated) norm weights.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.norm_weight_boundary: nn.Module = nn.Identity()
+
+    def _head_norm(self, norm, x_BSHDh: torch.Tensor) -> torch.Tensor:
+        if norm is None:
+            return x_BSHDh
+        return F.rms_norm(x_BSHDh, (self.head_dim,), self.norm_weight_boundary(norm.weight), norm.eps)
 
     def forward(self, x_BSD: torch.Tensor, rope_SDh: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BSHDh = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
-        k_BSHDh = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), rope_SDh)
+        q_BSHDh = apply_rope(self._head_norm(self.q_norm, self.wq(x_BSD).view(B, S, -1, self.head_dim)), rope_SDh)
+        k_BSHDh = apply_rope(self._head_norm(self.k_norm, self.wk(x_BSD).view(B, S, -1, self.head_dim)), rope_SDh)
         v_BSHDh = self.wv(x_BSD).view(B, S, -1, self.head_dim)
         out_BHSDh = self.core(q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2), v_BSHDh.transpose(1, 2),
                               self.softmax_scale)

@@ -116,7 +116,7 @@ def build_attention(cfg: ModelConfig) -> nn.Module:
     scale = softmax_scale_factor(cfg.rope_scaling)
     if cfg.attention == "mla":
         return MultiLatentAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps, scale)
-    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, scale)
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, scale, cfg.qk_norm, cfg.norm_eps)
 
 
 def _rope_table(cfg: ModelConfig, device=None) -> torch.Tensor:

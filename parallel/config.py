@@ -36,6 +36,7 @@ class ParallelConfig:
     timeout_s: float = 600.0  # collective timeout of mohge's process groups (train/watchdog.py)
     cp: int = 1  # context parallel: data-parallel ranks that split each sequence between them
     moe_fold: bool = False  # MoE parallel folding: ep spans tp x dp ranks, expert tp = 1 (parallel/moe_folding.py)
+    cp_comm: str = "ring"  # context parallel attention: "ring" (p2p key/value blocks) | "all_gather"
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """A copy with dp_shard=-1 replaced by world_size / (dp_replicate x tp x pp)."""

@@ -4,9 +4,10 @@ Shape legend: B batch, S full sequence, Sl = S / cp local tokens, H heads, K qk 
 
 Load-balanced causal sharding: the sequence is cut into 2*cp chunks and rank r holds chunks r and
 2*cp-1-r, so every rank owns as many early (cheap) as late (expensive) causal rows. Attention
-gathers keys and values of the whole sequence from the cp group (`AllGatherSequence`: all-gather
-forward, sum-and-slice backward) and masks by global positions, the all-gather flavour of context
-parallel that megatron-core offers as cp_comm_type=all_gather; queries, MLPs/experts, norms and
+(`parallel.cp_comm`) either passes key/value blocks around the cp group (`ring`, the default:
+parallel/ring_attention.py, megatron-core's cp_comm_type=p2p) or gathers keys and values of the
+whole sequence (`all_gather`: `AllGatherSequence`, all-gather forward, sum-and-slice backward) and
+masks by global positions (megatron-core's cp_comm_type=all_gather); queries, MLPs/experts, norms and
 activations stay split. Everything outside attention is per token, so it runs on the local tokens
 unchanged, except the MoE auxiliary losses, which couple all tokens of a micro-batch: they are
 computed on the routing gathered from the group (`gather_routing`). The loss is a mean over the cp group's tokens and parameter gradients are averaged over
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.moe.layer import MoHGELayer
+
+CP_COMMS = ("ring", "all_gather")  # parallel.cp_comm: how attention sees the other ranks' keys
 
 
 def load_balanced_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -116,15 +119,21 @@ class ContextParallelSDPA(nn.Module):
         )
 
 
-def apply_context_parallel(model: nn.Module, group, seq_len: int) -> torch.Tensor:
+def apply_context_parallel(model: nn.Module, group, seq_len: int, comm: str = "ring") -> torch.Tensor:
     """Makes `model` (a plain mohge Transformer) run on this rank's share of every sequence of
-    length `seq_len`; returns the global positions [Sl] of the tokens it must be fed."""
+    length `seq_len`, attention through `comm` ("ring" or "all_gather"); returns the global
+    positions [Sl] of the tokens it must be fed."""
+    from mohge.parallel.ring_attention import RingSDPA
+
+    if comm not in CP_COMMS:
+        raise ValueError(f"parallel.cp_comm: must be one of {CP_COMMS} (got {comm!r})")
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     positions = load_balanced_positions(seq_len, cp, rank)
     all_positions = torch.cat([load_balanced_positions(seq_len, cp, r) for r in range(cp)])
     model.positions = positions
     for block in model.layers.values():
-        block.attention.core = ContextParallelSDPA(group, positions, all_positions)
+        block.attention.core = (RingSDPA(group) if comm == "ring"
+                                else ContextParallelSDPA(group, positions, all_positions))
         if isinstance(block.ffn, MoHGELayer):  # aux losses over the whole sequences
             block.ffn.aux_losses = _global_aux_losses(block.ffn, group)
     return positions
@@ -139,10 +148,15 @@ def validate_context_parallel(run_cfg) -> None:
     p, cp = run_cfg.parallel, run_cfg.parallel.cp
     if cp < 1:
         raise ConfigError(f"parallel.cp: must be >= 1 (got {cp})")
+    if p.cp_comm not in CP_COMMS:
+        raise ConfigError(f"parallel.cp_comm: must be one of {CP_COMMS} (got {p.cp_comm!r})")
     if cp > 1 and run_cfg.model.moe.balance_scope == "sequence":
         raise ConfigError("model.moe.balance_scope=sequence: not supported with parallel.cp > 1 yet (a sequence's "
                           "tokens live on several ranks); use micro_batch or global_batch, or parallel.cp=1")
     if cp == 1:
+        if p.cp_comm != "ring":
+            raise ConfigError(f"parallel.cp_comm={p.cp_comm}: only applies with parallel.cp > 1; set parallel.cp or "
+                              "drop parallel.cp_comm")
         return
     dp = p.dp_replicate * p.dp_shard
     if dp % cp:

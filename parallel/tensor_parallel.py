@@ -5,7 +5,8 @@ attention (MLA): the head-wise up-projections wq (or wq_b) and wkv_b column-para
 row-parallel; the compressed projections (wq_a, wkv_a) and latent norms stay replicated plain
 tensors, as megatron-core keeps them. Each column-parallel projection all-reduces the gradient of
 its (replicated) input; the rotary key, shared by all heads, gets that all-reduce from
-`AllReduceBackward`, so the replicated weights see identical, complete gradients on every tp rank. Dense FFN: w1/w3
+`AllReduceBackward`, so the replicated weights see identical, complete gradients on every tp rank;
+so do the per-head qk-norm weights of grouped-query attention (`model.qk_norm`). Dense FFN: w1/w3
 column-parallel, w2 row-parallel. Embedding vocab-parallel (row-wise), output head column-parallel
 with its logits left sharded over the vocabulary: `loss_context()` computes the cross-entropy
 without gathering them. With sequence parallel, norms and the residual stream are split along the
@@ -101,6 +102,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool, mo
         }
         if isinstance(block.attention, MultiLatentAttention):
             plan = _mla_plan(block.attention, tp_mesh, seq)
+        elif block.attention.q_norm is not None:  # qk-norm weights see only this rank's heads
+            block.attention.norm_weight_boundary = GradAllReduce(tp_mesh.get_group())
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()

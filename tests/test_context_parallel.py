@@ -61,7 +61,7 @@ def _cfg(attention: str, ffn_type: str, aux: bool = False):
     return ModelConfig(**kw)
 
 
-def _loss_and_grads(attention, ffn_type, group=None, aux=False):
+def _loss_and_grads(attention, ffn_type, group=None, aux=False, comm="ring"):
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -72,7 +72,7 @@ def _loss_and_grads(attention, ffn_type, group=None, aux=False):
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(5))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if group is not None:
-        positions = apply_context_parallel(model, group, inputs.shape[1])
+        positions = apply_context_parallel(model, group, inputs.shape[1], comm)
         inputs, labels = inputs[:, positions], labels[:, positions]
     model.to_empty(device="cpu")
     model.init_weights(11)
@@ -90,20 +90,106 @@ def _loss_and_grads(attention, ffn_type, group=None, aux=False):
     return float(loss), grads
 
 
-def _cp_rank(rank, world, attention, ffn_type, aux=False):
+def _cp_rank(rank, world, attention, ffn_type, aux=False, comm="ring"):
     import torch.distributed as dist
 
-    return _loss_and_grads(attention, ffn_type, dist.group.WORLD, aux)
+    return _loss_and_grads(attention, ffn_type, dist.group.WORLD, aux, comm)
+
+
+def _ring_rank(rank, world, H, Hkv, K, V, scale):
+    import torch.distributed as dist
+
+    from mohge.parallel.ring_attention import ring_attention
+
+    q, k, v, w = _ring_inputs(world * 4, H, Hkv, K, V)
+    positions = load_balanced_positions(q.shape[2], world, rank)
+    parts = [x[:, :, positions].detach().requires_grad_() for x in (q, k, v)]
+    out = ring_attention(*parts, scale, dist.group.WORLD)
+    (out * w[:, :, positions]).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the block math stays float32 under autocast
+        assert torch.equal(ring_attention(*parts, scale, dist.group.WORLD), out)
+    return positions, out.detach(), [x.grad for x in parts]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,Hkv,K,V", [(4, 2, 12, 8), (2, 2, 6, 10)])
+def test_block_attention_kernel_and_math_paths_agree(H, Hkv, K, V, causal):
+    """The ring's per-block forward (output, log-sum-exp) and backward (given the global output and
+    log-sum-exp of a merge with a second block) agree between the CPU flash kernel and plain math,
+    and with autograd through SDPA over both blocks (GQA, qk dim != v dim both ways)."""
+    import torch.nn.functional as F
+
+    from mohge.parallel import ring_attention as ra
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, H, 6, K, generator=g), torch.randn(2, Hkv, 6, K, generator=g), torch.randn(2, Hkv, 6, V,
+                                                                                                        generator=g)
+    k0, v0 = torch.randn(2, Hkv, 5, K, generator=g), torch.randn(2, Hkv, 5, V, generator=g)  # an earlier block
+    dout = torch.randn(2, H, 6, V, generator=g)
+    results = []
+    for fused in (True, False):
+        ra.FUSED_CPU = fused
+        try:
+            o1, l1 = ra.block_attention(q, k, v, 0.4, causal)
+            o0, l0 = ra.block_attention(q, k0, v0, 0.4, False)
+            out, lse = ra.merge(o1, l1, o0, l0)
+            grads = ra.block_attention_backward(q, k, v, dout, out, lse, 0.4, causal)
+            grads0 = ra.block_attention_backward(q, k0, v0, dout, out, lse, 0.4, False)
+        finally:
+            ra.FUSED_CPU = True
+        results.append((out, grads[0] + grads0[0], grads[1], grads[2], grads0[1], grads0[2]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # reference: SDPA over [earlier block | this block], the earlier block fully visible
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, torch.cat([k0, k], 2), torch.cat([v0, v], 2)))
+    mask = torch.ones(6, 11, dtype=torch.bool)
+    if causal:
+        mask[:, 5:] = torch.ones(6, 6, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=0.4, enable_gqa=H != Hkv)
+    (ref * dout).sum().backward()
+    out, dq, dk, dv, dk0, dv0 = results[0]
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq, qr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([dk0, dk], 2), kr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([dv0, dv], 2), vr.grad, rtol=1e-5, atol=1e-5)
+
+
+def _ring_inputs(S, H, Hkv, K, V):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, H, S, K, generator=g), torch.randn(2, Hkv, S, K, generator=g),
+            torch.randn(2, Hkv, S, V, generator=g), torch.randn(2, H, S, V, generator=g))
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("world,H,Hkv,K,V", [
+    pytest.param(2, 4, 4, 8, 8, marks=pytest.mark.slow), (4, 4, 2, 12, 8),
+], ids=["cp2-mha", "cp4-gqa-mla-dims"])
+def test_ring_attention_matches_causal_sdpa(world, H, Hkv, K, V):
+    """Each rank's ring output and its q/k/v gradients equal causal SDPA over the whole sequence
+    (grouped-query heads; qk head dim != v head dim as in MLA; a non-default scale as YaRN's)."""
+    import torch.nn.functional as F
+
+    scale = 0.3
+    q, k, v, w = (x.requires_grad_() for x in _ring_inputs(world * 4, H, Hkv, K, V))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+    (want * w).sum().backward()
+    for positions, out, grads in run_ranks(world, _ring_rank, H, Hkv, K, V, scale):
+        torch.testing.assert_close(out, want.detach()[:, :, positions], rtol=1e-5, atol=1e-6)
+        for got, ref in zip(grads, (q.grad, k.grad, v.grad)):
+            torch.testing.assert_close(got, ref[:, :, positions], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.parametrize("attention,ffn_type", [("gqa", "dense"), ("mla", "mohge")])
-def test_context_parallel_matches_single_process(attention, ffn_type):
-    """cp=2 with load-balanced causal sharding: same loss and gradients as one process (GQA with
-    2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see the MoE aux test)."""
+@pytest.mark.parametrize("attention,ffn_type,comm", [
+    ("gqa", "dense", "ring"), ("mla", "mohge", "ring"), ("gqa", "dense", "all_gather"), ("mla", "mohge", "all_gather"),
+])
+def test_context_parallel_matches_single_process(attention, ffn_type, comm):
+    """cp=2 with load-balanced causal sharding, ring and all-gather attention: same loss and
+    gradients as one process (GQA with 2 kv heads; MLA + YaRN with MoHGE FFNs, aux losses off: see
+    the MoE aux test)."""
     want_loss, want = _loss_and_grads(attention, ffn_type)
-    for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type):
+    for got_loss, got in run_ranks(2, _cp_rank, attention, ffn_type, False, comm):
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
@@ -127,6 +213,8 @@ def test_context_parallel_moe_aux_losses_span_the_whole_sequence():
     (["parallel.dp_replicate=2", "parallel.cp=2", "parallel.tp=4", "model.n_kv_heads=4", "train.seq_len=12"],
      "sequence parallel"),
     (["parallel.cp=0"], "parallel.cp: must be >= 1"),
+    (["parallel.cp_comm=ulysses"], "parallel.cp_comm: must be one of"),
+    (["parallel.cp_comm=all_gather"], "parallel.cp_comm=all_gather: only applies with parallel.cp > 1"),
 ])
 def test_bad_context_parallel_config_names_the_field(overrides, needle):
     from mohge.model.config import ConfigError

@@ -140,6 +140,10 @@ def test_export_refuses_what_it_cannot_map(runs, tmp_path, capsys):
     check_exportable({**model, "attention_type": "gqa"}, weights)  # a neutral value of a later field passes
     with pytest.raises(CheckpointError, match="layers.0.attention.kv_norm.weight"):
         check_exportable(model, {**weights, "layers.0.attention.kv_norm.weight": torch.ones(4)})
+    with pytest.raises(CheckpointError, match="model.moe.router='flat'"):  # HMoE routing: not in modeling.py
+        check_exportable({**model, "moe": {**model["moe"], "router": "flat"}}, weights)
+    with pytest.raises(CheckpointError, match="layers.0.ffn.router.expert_bias"):  # a bias the config does not imply
+        check_exportable(model, {**weights, "layers.0.ffn.router.expert_bias": torch.zeros(8)})
     _export(runs["tiny_moe"], tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["mohge"]["moe"]["router_bias"] = "aux_free"
@@ -149,3 +153,47 @@ def test_export_refuses_what_it_cannot_map(runs, tmp_path, capsys):
     assert convert_main(["to-hf", "--checkpoint", str(runs["tiny_moe"]), "--output", str(tmp_path / "x"),
                          "--tokenizer", str(tmp_path / "none.json")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+# the authors' attention on tiny_mohge: MLA (q compression, qk-norm) + YaRN, and aux-loss-free
+# selection biases large enough to change some expert choices
+MLA_BIAS = ["model.attention=mla", "model.n_kv_heads=4", "model.mla.kv_lora_rank=16", "model.mla.qk_nope_head_dim=8",
+            "model.mla.qk_rope_head_dim=4", "model.mla.v_head_dim=8", "model.mla.q_lora_rank=12",
+            "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4", "model.rope_scaling.original_max_seq_len=16",
+            "model.rope_scaling.mscale_all_dim=1.0", "model.moe.bias_update_rate=0.05",
+            "model.moe.group_bias_update_rate=0.05"]
+QK_NORM = ["model.qk_norm=true", "model.n_kv_heads=2"]
+
+
+@pytest.mark.parametrize("extra", [MLA_BIAS, QK_NORM], ids=["mla-yarn-router-bias", "gqa-qk-norm"])
+def test_export_of_new_attention_matches_the_trainer_and_round_trips(tmp_path, extra):
+    """to-hf of an MLA + YaRN model with aux-free router biases (and of GQA with qk-norm): the
+    transformers model gives the trainer's logits, generates the same tokens with and without its
+    cache, and from-hf gives back every tensor."""
+    run = tmp_path / "run"
+    train(compose_config("tiny_mohge", [*COMMON, *extra, f"out_dir={run}"]))
+    weights = load_consolidated(find_latest(str(run)))
+    if extra is MLA_BIAS:
+        assert any(k.endswith("router.expert_bias") and v.abs().max() > 0 for k, v in weights.items())
+    _export(run, tmp_path / "hf")
+    model = _load(tmp_path / "hf")
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(compose_config("tiny_mohge", [*COMMON, *extra, f"out_dir={run}", "checkpoint.resume=auto"]))
+    trainer.model.eval()
+    with torch.no_grad():
+        got, want = model(tokens).logits, trainer.model(tokens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if extra is MLA_BIAS:  # the biases change expert choices, so ignoring them would show
+            for name, buf in model.named_buffers():
+                if name.endswith("_bias"):
+                    buf.zero_()
+            assert not torch.allclose(model(tokens).logits, want, rtol=1e-5, atol=1e-5)
+    model = _load(tmp_path / "hf", torch.float64)
+    prompt = torch.tensor([PROMPTS[0]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+    assert convert_main(["from-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back")]) == 0
+    back = load_consolidated(find_latest(str(tmp_path / "back")))
+    assert back.keys() == weights.keys()
+    for key, tensor in weights.items():
+        assert torch.equal(back[key], tensor), key

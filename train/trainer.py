@@ -111,7 +111,8 @@ def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.dev
     if cfg.parallel.cp > 1:
         from mohge.parallel.context_parallel import apply_context_parallel, build_cp_group
 
-        apply_context_parallel(model, build_cp_group(ctx.dims, ctx.rank, cfg.parallel.cp), cfg.train.seq_len)
+        apply_context_parallel(model, build_cp_group(ctx.dims, ctx.rank, cfg.parallel.cp), cfg.train.seq_len,
+                               cfg.parallel.cp_comm)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
     return model
