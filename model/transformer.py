@@ -17,7 +17,7 @@ from torch import nn
 
 from mohge.model.config import ModelConfig
 from mohge.model.attention import MultiLatentAttention
-from mohge.model.init import fill_indexed, fill_local, param_key
+from mohge.model.init import fill_local, param_key
 from mohge.model.layers import Attention, FeedForward
 from mohge.model.loss import chunked_linear_cross_entropy
 from mohge.model.rope import rope_cache, softmax_scale_factor
@@ -88,27 +88,16 @@ class Transformer(nn.Module):
         generated = 0
         with torch.no_grad():
             for name, module, param in _named_params_with_owner(self):
-                if hasattr(module, "init_experts"):  # a packed layout draws each expert under its own name
-                    generated += module.init_experts(name, param, self._fill_part(seed))
-                    continue
                 rows = getattr(module, "expert_rows", None)
                 generated += fill_local(param, param_key(name, seed), init_std(name, self.cfg),
                                         full_shape(module, param), rows)
         init_balance_buffers(self)
         return generated
 
-    def _fill_part(self, seed: int):
-        """fill(name, whole_shape, out, vectors): the values of tensor `name` (whole shape) at the
-        global indices `vectors`, written into `out` (see model/init.py fill_indexed)."""
-        def fill(name, whole_shape, out, vectors):
-            return fill_indexed(out, param_key(name, seed), init_std(name, self.cfg), whole_shape, vectors)
-        return fill
-
     def num_params(self) -> int:
         """Distinct parameters of the whole model, as ModelConfig.num_params() counts them, also
         when this process holds only a part (expert or tensor shards)."""
-        return sum(module.full_numel(p) if hasattr(module, "full_numel") else math.prod(full_shape(module, p))
-                   for _, module, p in _named_params_with_owner(self))
+        return sum(math.prod(full_shape(module, p)) for _, module, p in _named_params_with_owner(self))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
