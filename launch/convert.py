@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _checkpoint_dir(path: str) -> Path:
-    found = resolve_resume(path, path)
+    found = resolve_resume(path, path, flag="--checkpoint")
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint found")
     return found

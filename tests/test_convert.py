@@ -73,7 +73,12 @@ def test_standalone_modeling_matches_training_logits(run_dir, tmp_path):
 
 def test_convert_errors_name_the_path(tmp_path, capsys):
     assert convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--checkpoint={tmp_path / 'nope'}: " in err and "does not exist" in err and "checkpoint.resume" not in err
+    (tmp_path / "empty").mkdir()
+    assert convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "empty"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint" in err and "checkpoint.resume" not in err, err
     assert convert_main(["to-dcp", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
 

@@ -105,6 +105,31 @@ def test_auto_resume_falls_back_to_previous_good_step(run_copy, capsys):
     assert find_latest(str(run_copy)).name == "step_00000001"
 
 
+def test_resuming_from_a_quarantined_checkpoint_names_the_last_good_one(run_copy, capsys):
+    from mohge.launch.convert import main as convert_main
+    from mohge.launch.eval_cli import main as eval_main
+
+    root = run_copy / "checkpoints"
+    _flip_byte(_shard(root / "step_00000003"))
+    Trainer(_cfg(run_copy, "train.steps=5", "checkpoint.resume=auto"))  # quarantines step 3
+    damaged = root / "step_00000003.damaged"
+    assert damaged.is_dir()
+    with pytest.raises(CheckpointError) as err:
+        Trainer(_cfg(run_copy, "train.steps=5", f"checkpoint.resume={damaged}"))
+    line = str(err.value)
+    assert line.startswith(f"checkpoint.resume={damaged}: ") and "quarantined as damaged" in line, line
+    assert "incomplete" not in line and str(root / "step_00000002") in line, line
+    # mohge-convert / mohge-eval name their own flag, not the trainer's field.
+    capsys.readouterr()
+    assert convert_main(["to-safetensors", "--checkpoint", str(damaged), "--output", str(run_copy / "o")]) == 2
+    assert eval_main(["--checkpoint", str(damaged), "--data", "x.jsonl", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [l.split(": ", 2)[:2] for l in lines] == [["mohge-convert", "checkpoint error"],
+                                                      ["mohge-eval", "checkpoint error"]], lines
+    for l in lines:
+        assert f"--checkpoint={damaged}: " in l and "quarantined" in l and "checkpoint.resume" not in l, l
+
+
 def test_every_checkpoint_damaged_stops_instead_of_starting_afresh(run_copy):
     for step in (run_copy / "checkpoints").glob("step_*"):
         _flip_byte(_shard(step))
