@@ -691,3 +691,53 @@ def test_convert_and_eval_refuse_a_damaged_checkpoint_in_one_line(tmp_path, caps
     assert not (tmp_path / "x" / "model.safetensors").exists()
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_for_eval(str(tmp_path / "run"))
+
+
+def _ctrl_c(out_dir, times: int, *overrides):
+    """mohge-train interrupted `times` times after its third logged step; returns (rc, stdout, stderr)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "mohge.train.cli", "--config-name", "tiny_mohge", *COMMON, f"out_dir={out_dir}",
+           "train.steps=100000", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out_dir / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.02)
+        for _ in range(times):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(tmp_path):
+    from mohge.train.preemption import INTERRUPT_EXIT_CODE
+
+    rc, out, err = _ctrl_c(tmp_path, 1)
+    assert rc == INTERRUPT_EXIT_CODE and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines() == ["mohge-train: Ctrl-C: stopping after this step (saving a checkpoint if the "
+                                        "config saves any); press Ctrl-C again to stop now"], err
+    latest = find_latest(str(tmp_path))
+    steps = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert latest is not None and int(latest.name[5:]) == steps  # the step it stopped after is saved
+    assert out.strip().splitlines()[-1] == f"stopping at step {steps} on Ctrl-C (exit 130): resume with " \
+                                           "checkpoint.resume=auto"
+    assert not (tmp_path / "REQUEUE").exists()  # not a preemption: the SLURM template must not requeue
+    assert Trainer(_cfg(tmp_path, "train.steps=100000", "checkpoint.resume=auto")).step == steps
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_with_one_line_keeping_saved_checkpoints(tmp_path):
+    rc, out, err = _ctrl_c(tmp_path, 2, "checkpoint.every=1", "checkpoint.keep=3")
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mohge-train: interrupted: stopped by Ctrl-C; the last complete checkpoint is "), err
+    latest = find_latest(str(tmp_path))
+    assert str(latest) in last
+    assert Trainer(_cfg(tmp_path, "train.steps=100000", "checkpoint.resume=auto")).step == int(latest.name[5:])
