@@ -210,6 +210,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail",
                         help="malformed jsonl lines: stop with an error, or count and skip them")
     args = parser.parse_args(argv)
+    from mohge.train.errors import hide_megatron_notices
+
+    hide_megatron_notices()  # the indexed-dataset builder imports megatron-core
     try:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.on_bad_line)
     except DataError as err:

@@ -191,7 +191,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from mohge.train.errors import hide_megatron_notices
+
     check_args(args)
+    hide_megatron_notices()  # Megatron PREFIX inputs import megatron-core
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = load_model(args.checkpoint, dtype, args.device)
     max_len = model.config["max_seq_len"]

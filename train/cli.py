@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mohge.train.errors import ConfigError, Interrupted, UsageError, run_tool
+from mohge.train.errors import ConfigError, Interrupted, UsageError, hide_megatron_notices, run_tool
 
 EPILOG = """\
 overrides are Hydra-style key=value pairs, e.g.
@@ -85,10 +85,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_model(cfg))
         return 0
-    import warnings
-
-    # megatron-core's import-time notices about optional kernels mohge does not use, once per rank.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    hide_megatron_notices()  # once per rank otherwise
     from mohge.train.trainer import train
 
     check_out_dir(cfg.out_dir)

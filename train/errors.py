@@ -67,6 +67,14 @@ class UsageError(MohgeError, ValueError):
     same_on_every_rank = True
 
 
+def hide_megatron_notices() -> None:
+    """megatron-core's import-time notices about optional kernels mohge does not use (Transformer
+    Engine, Apex): printed once per process otherwise, before a tool's own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
