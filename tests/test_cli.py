@@ -58,3 +58,15 @@ def test_router_flat_reports_every_conflicting_field_in_one_line(capsys):
     assert capsys.readouterr().err.strip() == f"mohge-train: config error: {line}"
     # Fixing every named field is enough: the config then composes.
     compose_config("tiny_mohge", ["model.moe.router=flat", "model.moe.k_group=1", "model.moe.group_aux_coeff=0"])
+
+
+def test_plan_output_piped_into_head_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    # The reader is gone before the first write (as `| head` after its lines): every write fails with EPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "mohge.parallel.plan_cli", "--config-name", "mohge_3b",
+                             "--ep", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err
