@@ -123,7 +123,7 @@ def perplexity(model, chunks: Iterator[torch.Tensor], batch_size: int = 8, progr
 
     vocab = model.config["vocab_size"]
     total, count = 0.0, 0
-    bar = None  # opened with the first scored batch: nothing is printed before an input error
+    bar = None  # opened with the first batch that passes its checks
 
     def run(batch: list[torch.Tensor]) -> None:
         nonlocal total, count, bar
@@ -132,12 +132,12 @@ def perplexity(model, chunks: Iterator[torch.Tensor], batch_size: int = 8, progr
             if int(x.max()) >= vocab:
                 raise DataError(f"token id {int(x.max())} >= model.vocab_size {vocab}: the data was tokenized "
                                 "with another tokenizer than the model's")
+            if bar is None:  # after the checks above, so that a bad input prints no bar first
+                bar = tqdm(desc="eval", unit="tok", disable=not progress, file=sys.stderr)
             logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
             total += float(loss.double())
             count += x[:, 1:].numel()
-            if bar is None:
-                bar = tqdm(desc="eval", unit="tok", disable=not progress, file=sys.stderr)
             bar.update(x[:, 1:].numel())
             bar.set_postfix(loss=f"{total / count:.4f}")
 
