@@ -417,6 +417,17 @@ def test_unwritable_output_prefix_is_a_clean_error(tmp_path, capsys):
     assert "--output-prefix" in capsys.readouterr().err
 
 
+def test_preprocess_tokenizer_errors_name_the_flag(tmp_path, capsys):
+    from mohge.data.preprocess import main as preprocess_main
+
+    src = _write_jsonl(tmp_path / "a.jsonl", 3)
+    assert preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "x"),
+                            "--tokenizer", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mohge-preprocess: data error: --tokenizer {tmp_path / 'none.json'}: no such file; "), err
+    assert "data.tokenizer" not in err
+
+
 # ---- concurrency ---------------------------------------------------------------------------
 def test_second_job_is_refused_and_a_dead_jobs_lock_is_recovered(tmp_path):
     from mohge.train.runlock import LOCK, RunLock
