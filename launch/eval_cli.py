@@ -188,6 +188,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-tokens: must be >= 1 (got {args.max_tokens}); leave it out to score all the data")
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len: must be >= 1 (got {args.seq_len}); leave it out for model.max_seq_len")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a torch device; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "use --device cpu")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its directory does not exist; create it or write the file elsewhere")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -94,6 +94,15 @@ def test_argument_ranges_are_refused_before_any_output(run_dir, jsonl, flag, val
     assert err.startswith(f"mohge-eval: usage error: {flag}: must be >= 1 (got {value})"), err
 
 
+@pytest.mark.parametrize("flag, value, says", [("--device", "foo", "not a torch device"),
+                                               ("--json", "/nonexistent-dir/r.json", "its directory does not exist")])
+def test_bad_device_and_json_path_are_refused_before_any_work(run_dir, jsonl, flag, value, says, capsys):
+    assert eval_main(["--checkpoint", str(run_dir), "--data", str(jsonl), "--tokenizer", "bytes", flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == err.strip().splitlines()[0], err
+    assert err.startswith(f"mohge-eval: usage error: {flag} {value}: {says}"), err
+
+
 def test_input_errors_come_before_any_progress_output(run_dir, jsonl, tmp_path, capsys):
     base = ["--checkpoint", str(run_dir)]
     for extra in (["--data", str(jsonl), str(tmp_path / "missing.jsonl"), "--tokenizer", "bytes"],
