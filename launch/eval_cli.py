@@ -217,7 +217,8 @@ def _main(args: argparse.Namespace) -> int:
     if texts:  # loaded now: a bad --tokenizer is reported before any progress output
         tokenizer = open_tokenizer(tokenizer, texts[0])
         if tokenizer.vocab_size > model.config["vocab_size"]:
-            raise DataError(f"--tokenizer {args.tokenizer or 'tokenizer.json'}: {tokenizer.vocab_size} tokens but "
+            named = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"{args.checkpoint}/tokenizer.json"
+            raise DataError(f"{named}: {tokenizer.vocab_size} tokens but "
                             f"model.vocab_size is {model.config['vocab_size']}; give the tokenizer the model was "
                             "trained with")
     chunks = windows(token_stream(args.data, tokenizer, args.text_key), seq_len, args.max_tokens)
