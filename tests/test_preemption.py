@@ -49,6 +49,8 @@ def test_ctrl_c_stops_without_requeue_and_a_second_one_raises():
         os.kill(os.getpid(), signal.SIGINT)
         assert handler.should_stop() and handler.interrupted and handler.signal_name == "SIGINT"
         assert handler.exit_code == INTERRUPT_EXIT_CODE
+        os.kill(os.getpid(), signal.SIGINT)  # within a second: the same key press forwarded by torchrun
+        handler._first_interrupt -= 2.0  # a second later
         with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C stops at once
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before

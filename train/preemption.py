@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 import torch
@@ -28,17 +29,26 @@ class PreemptionHandler:
         self.signals = signals
         self.signal_name: Optional[str] = None
         self.interrupted = False  # Ctrl-C (here or on a peer rank): stop without asking for a requeue
+        self._first_interrupt = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             self.interrupted = True
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C stops at once
+            self._first_interrupt = time.monotonic()
+            signal.signal(signal.SIGINT, self._second_interrupt)
             if int(os.environ.get("RANK", "0")) == 0:  # os.write: safe inside a handler, unlike print
                 os.write(2, b"\nmohge-train: Ctrl-C: stopping after this step (saving a checkpoint if the config "
                             b"saves any); press Ctrl-C again to stop now\n")
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+
+    def _second_interrupt(self, signum, frame) -> None:
+        """A second Ctrl-C stops at once; one within a second of the first is the same key press
+        forwarded by torchrun (the terminal signals every process of the job, then torchrun does)."""
+        if time.monotonic() - self._first_interrupt > 1.0:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            raise KeyboardInterrupt
 
     def __enter__(self) -> "PreemptionHandler":
         for sig in self.signals:
