@@ -428,6 +428,15 @@ def test_preprocess_tokenizer_errors_name_the_flag(tmp_path, capsys):
     assert "data.tokenizer" not in err
 
 
+@pytest.mark.slow  # a fresh process importing megatron-core: ~10 s on 2 busy cores
+def test_preprocess_prints_no_megatron_import_notices(tmp_path):
+    src = _write_jsonl(tmp_path / "a.jsonl", 3)
+    proc = subprocess.run([sys.executable, "-m", "mohge.data.preprocess", "--input", str(src), "--output-prefix",
+                           str(tmp_path / "x"), "--tokenizer", "bytes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Transformer Engine" not in proc.stderr, proc.stderr
+
+
 # ---- concurrency ---------------------------------------------------------------------------
 def test_second_job_is_refused_and_a_dead_jobs_lock_is_recovered(tmp_path):
     from mohge.train.runlock import LOCK, RunLock
