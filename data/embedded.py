@@ -77,6 +77,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mohge-prepare-demo", description="Prepare the embedded default corpus.")
     parser.add_argument("--dir", default=None, help=f"target directory (default {default_dir()})")
     args = parser.parse_args(argv)
+    from mohge.train.errors import hide_megatron_notices
+
+    hide_megatron_notices()  # preprocessing imports megatron-core
     try:
         d = prepare(args.dir)
     except DataError as err:

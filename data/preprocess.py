@@ -205,13 +205,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mohge-preprocess", description=__doc__.split("\n")[2].strip())
     parser.add_argument("--input", nargs="+", required=True, help="jsonl (text field), .txt or .parquet files")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, its directory, a .model, or 'bytes'")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, its directory, a .model, 'bytes' or 'embedded'")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--on-bad-line", choices=("fail", "skip"), default="fail",
                         help="malformed jsonl lines: stop with an error, or count and skip them")
     args = parser.parse_args(argv)
+    from mohge.train.errors import hide_megatron_notices
+
+    hide_megatron_notices()  # the indexed-dataset builder imports megatron-core
     try:
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer, args.workers, args.on_bad_line)
+        from mohge.launch.tokenizer_arg import resolve_tokenizer
+
+        tokenizer = resolve_tokenizer(args.tokenizer) or "bytes"  # errors name --tokenizer; 'embedded' too
+        summary = preprocess(args.input, args.output_prefix, tokenizer, args.workers, args.on_bad_line)
     except DataError as err:
         return report("preprocess", err)
     skipped = sum(summary["skipped_lines"].values())

@@ -27,14 +27,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mohge.train.checkpoint import (FORMAT_VERSION, LATEST, META, CheckpointError, checkpoint_root, is_complete,
                                     quiet_single_process, read_meta, resolve_resume, split_entry, step_dir)
-from mohge.train.errors import report
+from mohge.train.errors import run_tool
 
 EXPERT_KEY = re.compile(r"^(?P<name>.+)/expert/(?P<row>\d+)$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _checkpoint_dir(path: str) -> Path:
-    found = resolve_resume(path, path)
+    found = resolve_resume(path, path, flag="--checkpoint")
     if found is None:
         raise CheckpointError(f"{path}: no complete checkpoint found")
     return found
@@ -112,6 +112,10 @@ def tokenizer_files(meta: dict, tokenizer: Optional[str] = None) -> list[Path]:
             tokenizer = data.get("tokenizer")
     if tokenizer in (None, "", "bytes"):
         return []
+    if tokenizer == "embedded":
+        from mohge.launch.tokenizer_arg import resolve_tokenizer
+
+        return [Path(resolve_tokenizer(tokenizer))]
     path = Path(tokenizer)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -162,18 +166,6 @@ def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_gb: float
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
-    return files
-    files, index = [], {}
-    for i, shard in enumerate(shards):
-        file = out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(file), metadata={"format": "pt"})
-        _readable(file)
-        _say(f"wrote {file.name} ({i + 1}/{len(shards)})")
-        files.append(file)
-        index.update({k: file.name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
     return files
 
 
@@ -237,25 +229,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.add_argument("--output", required=True)
     a.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="e.g. bf16 for inference-only weights")
     a.add_argument("--max-shard-gb", type=float, default=0.0, help="split into shards + index (0: one file)")
-    a.add_argument("--tokenizer", default=None, help="tokenizer to copy into the export (default: the one the run "
-                                                     "trained with; 'bytes': none)")
+    a.add_argument("--tokenizer", default=None, help="tokenizer to copy into the export: tokenizer.json (or "
+                   "its directory), .model or 'embedded' (default: the one the run trained with; 'bytes': none)")
     b = sub.add_parser("to-dcp", help="consolidated safetensors -> weights-only sharded checkpoint")
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="run dir; resume any layout with checkpoint.resume=DIR")
-    from mohge.launch.hf_export import HF_COMMANDS, add_hf_commands, run_hf_command
+    from mohge.launch.hf_export import add_hf_commands
 
     add_hf_commands(sub)
     args = parser.parse_args(argv)
-    try:
-        if args.command in HF_COMMANDS:
-            print(run_hf_command(args))
-        elif args.command == "to-safetensors":
-            files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb, args.tokenizer)
-            print(f"wrote {len(files)} file(s) and config.json to {args.output}")
-        else:
-            print(f"wrote {to_dcp(args.input, args.output)}")
-    except CheckpointError as err:
-        return report("convert", err)
+    return run_tool("convert", lambda: _main(args))
+
+
+def check_shard_size(value: float) -> None:
+    """--max-shard-gb: a size in GB, or 0 for one file."""
+    from mohge.train.errors import UsageError
+
+    if not (value >= 0 and value != float("inf")):  # also refuses nan
+        raise UsageError(f"--max-shard-gb: must be a size in GB > 0, or 0 for one file (got {value})")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mohge.launch.hf_export import HF_COMMANDS, run_hf_command
+
+    if getattr(args, "max_shard_gb", None) is not None:
+        check_shard_size(args.max_shard_gb)
+    if args.command in HF_COMMANDS:
+        print(run_hf_command(args))
+    elif args.command == "to-safetensors":
+        files = to_safetensors(args.checkpoint, args.output, args.dtype, args.max_shard_gb, args.tokenizer)
+        print(f"wrote {len(files)} file(s) and config.json to {args.output}")
+    else:
+        print(f"wrote {to_dcp(args.input, args.output)}")
     return 0
 
 

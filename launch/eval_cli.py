@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mohge.data.errors import DataError
 from mohge.train.checkpoint import CheckpointError
+from mohge.train.errors import run_tool
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -54,9 +55,10 @@ def _megatron_prefix(path: str) -> Optional[str]:
     return prefix if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file() else None
 
 
-def token_stream(paths: list[str], tokenizer: Optional[str], text_key: str = "text") -> Iterator[np.ndarray]:
-    """Token ids of every document of every input, in order."""
-    tok = None
+def token_stream(paths: list[str], tokenizer, text_key: str = "text") -> Iterator[np.ndarray]:
+    """Token ids of every document of every input, in order. `tokenizer`: a loaded tokenizer, a
+    --tokenizer spelling, or None (then text inputs are an error naming --tokenizer)."""
+    tok = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
     for path in paths:
         prefix = _megatron_prefix(path)
         if prefix is not None:
@@ -69,15 +71,33 @@ def token_stream(paths: list[str], tokenizer: Optional[str], text_key: str = "te
         if not Path(path).is_file():
             raise DataError(f"--data {path}: no such file, and no {path}.bin/.idx pair")
         if tok is None:
-            if tokenizer is None:
-                raise DataError(f"--data {path}: text needs --tokenizer (tokenizer.json, .model or 'bytes')")
-            from mohge.data.tokenizers import load_tokenizer
-
-            tok = load_tokenizer(tokenizer)
+            tok = open_tokenizer(tokenizer, path)
         from mohge.data.preprocess import read_documents
 
         for text in read_documents(path, text_key=text_key):
             yield np.asarray(tok.encode(text) + [tok.eod], dtype=np.int64)
+
+
+def open_tokenizer(spec: Optional[str], first_text: str):
+    """The tokenizer for text inputs; `first_text` names the input that needs one."""
+    from mohge.data.tokenizers import load_tokenizer
+    from mohge.launch.tokenizer_arg import SPELLINGS, resolve_tokenizer
+
+    path = resolve_tokenizer(spec)
+    if path is None:
+        raise DataError(f"--data {first_text}: text needs --tokenizer ({SPELLINGS})")
+    return load_tokenizer(path)
+
+
+def check_inputs(paths: list[str]) -> list[str]:
+    """Every --data input exists (before any work); returns the text ones (not Megatron prefixes)."""
+    texts = []
+    for path in paths:
+        if _megatron_prefix(path) is None:
+            if not Path(path).is_file():
+                raise DataError(f"--data {path}: no such file, and no {path}.bin/.idx pair")
+            texts.append(path)
+    return texts
 
 
 def windows(stream: Iterator[np.ndarray], seq_len: int, max_tokens: Optional[int] = None) -> Iterator[torch.Tensor]:
@@ -103,15 +123,17 @@ def perplexity(model, chunks: Iterator[torch.Tensor], batch_size: int = 8, progr
 
     vocab = model.config["vocab_size"]
     total, count = 0.0, 0
-    bar = tqdm(desc="eval", unit="tok", disable=not progress, file=sys.stderr)
+    bar = None  # opened with the first batch that passes its checks
 
     def run(batch: list[torch.Tensor]) -> None:
-        nonlocal total, count
+        nonlocal total, count, bar
         for length in sorted({len(c) for c in batch}):  # full windows together, a short last one alone
             x = torch.stack([c for c in batch if len(c) == length]).to(device)
             if int(x.max()) >= vocab:
                 raise DataError(f"token id {int(x.max())} >= model.vocab_size {vocab}: the data was tokenized "
                                 "with another tokenizer than the model's")
+            if bar is None:  # after the checks above, so that a bad input prints no bar first
+                bar = tqdm(desc="eval", unit="tok", disable=not progress, file=sys.stderr)
             logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
             total += float(loss.double())
@@ -120,14 +142,17 @@ def perplexity(model, chunks: Iterator[torch.Tensor], batch_size: int = 8, progr
             bar.set_postfix(loss=f"{total / count:.4f}")
 
     batch: list[torch.Tensor] = []
-    for chunk in chunks:
-        batch.append(chunk)
-        if len(batch) == batch_size:
+    try:
+        for chunk in chunks:
+            batch.append(chunk)
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+        if batch:
             run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    bar.close()
+    finally:
+        if bar is not None:
+            bar.close()  # ends the bar's line, so an error after it starts on its own line
     if count == 0:
         raise DataError("--data: fewer than 2 tokens in all; nothing to score")
     loss = total / count
@@ -139,7 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run dir, step_* dir, or a to-safetensors/to-hf folder")
     parser.add_argument("--data", nargs="+", required=True, help="jsonl/.txt/.parquet files or Megatron PREFIX(.bin/.idx)")
     parser.add_argument("--tokenizer", default=None,
-                        help="for text data: tokenizer.json, .model or 'bytes' (default: the export's tokenizer.json)")
+                        help="for text data: tokenizer.json (or its directory), .model, 'bytes' or 'embedded' "
+                             "(default: the export's tokenizer.json)")
     parser.add_argument("--text-key", default="text", help="jsonl/parquet field holding the text")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default: model.max_seq_len)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -149,23 +175,54 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", default=None, help="also write the result to this file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    try:
-        model = load_model(args.checkpoint, dtype, args.device)
-        max_len = model.config["max_seq_len"]
-        seq_len = args.seq_len or max_len
-        if not 1 <= seq_len <= max_len:
-            raise DataError(f"--seq-len {seq_len}: must be in 1..{max_len} (the model's max_seq_len)")
-        tokenizer = args.tokenizer
-        if tokenizer is None and (Path(args.checkpoint) / "tokenizer.json").is_file():
-            tokenizer = str(Path(args.checkpoint) / "tokenizer.json")
-        chunks = windows(token_stream(args.data, tokenizer, args.text_key), seq_len, args.max_tokens)
-        result = perplexity(model, chunks, args.batch_size, not args.no_progress, args.device)
-    except (CheckpointError, DataError) as err:
-        from mohge.train.errors import report
+    return run_tool("eval", lambda: _main(args))
 
-        sys.stderr.write("\n" if not args.no_progress else "")  # end a progress bar's line first
-        return report("eval", err)
+
+def check_args(args: argparse.Namespace) -> None:
+    """Argument ranges, before the checkpoint is read."""
+    from mohge.train.errors import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1 (got {args.batch_size})")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UsageError(f"--max-tokens: must be >= 1 (got {args.max_tokens}); leave it out to score all the data")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len: must be >= 1 (got {args.seq_len}); leave it out for model.max_seq_len")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a torch device; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                         "use --device cpu")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its directory does not exist; create it or write the file elsewhere")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mohge.train.errors import hide_megatron_notices
+
+    check_args(args)
+    hide_megatron_notices()  # Megatron PREFIX inputs import megatron-core
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = load_model(args.checkpoint, dtype, args.device)
+    max_len = model.config["max_seq_len"]
+    seq_len = args.seq_len if args.seq_len is not None else max_len
+    if seq_len > max_len:
+        raise DataError(f"--seq-len {seq_len}: must be in 1..{max_len} (the model's max_seq_len)")
+    tokenizer = args.tokenizer
+    if tokenizer is None and (Path(args.checkpoint) / "tokenizer.json").is_file():
+        tokenizer = str(Path(args.checkpoint) / "tokenizer.json")
+    texts = check_inputs(args.data)
+    if texts:  # loaded now: a bad --tokenizer is reported before any progress output
+        tokenizer = open_tokenizer(tokenizer, texts[0])
+        if tokenizer.vocab_size > model.config["vocab_size"]:
+            named = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"{args.checkpoint}/tokenizer.json"
+            raise DataError(f"{named}: {tokenizer.vocab_size} tokens but "
+                            f"model.vocab_size is {model.config['vocab_size']}; give the tokenizer the model was "
+                            "trained with")
+    chunks = windows(token_stream(args.data, tokenizer, args.text_key), seq_len, args.max_tokens)
+    result = perplexity(model, chunks, args.batch_size, not args.no_progress, args.device)
     result.update(checkpoint=args.checkpoint, data=args.data, seq_len=seq_len)
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['tokens']}")
     if args.json:

@@ -69,10 +69,10 @@ def check_exportable(model: dict, state: dict[str, torch.Tensor]) -> None:
 
 
 def _tokenizer_file(tokenizer: str) -> Path:
-    if tokenizer == "embedded":
-        from mohge.data.embedded import default_dir
+    if tokenizer == "embedded":  # the prepared demo tokenizer, or one line saying how to prepare it
+        from mohge.launch.tokenizer_arg import resolve_tokenizer
 
-        return default_dir() / "tokenizer.json"
+        return Path(resolve_tokenizer(tokenizer))
     p = Path(tokenizer)
     p = p / "tokenizer.json" if p.is_dir() else p
     if not p.is_file() or p.suffix != ".json":

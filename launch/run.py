@@ -20,11 +20,12 @@ QUIET_EXITS = (EXIT_USER_ERROR, EXIT_REQUEUE)
 
 
 class _DropExplainedExits(logging.Filter):
-    """Drops the agent's `failed (exitcode: 2)` / `(exitcode: 75)` and `closing signal` records."""
+    """Drops the agent's `failed (exitcode: 2)` / `(exitcode: 75)`, `closing signal` and `death signal` records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(f"exitcode: {code})" in message for code in QUIET_EXITS) and "closing signal" not in message
+        return (not any(f"exitcode: {code})" in message for code in QUIET_EXITS) and "closing signal" not in message
+                and "death signal, shutting down workers" not in message)  # Ctrl-C / SIGTERM: one line of ours
 
 
 def summarize(failures: dict, root_rank: int) -> tuple[int, list[str]]:
@@ -50,9 +51,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_DropExplainedExits())
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         torchrun.run(args)
+    except SignalException as err:  # the agent passed the signal on to the workers, which said what they saved
+        sig = signal.Signals(err.sigval)
+        what = "Ctrl-C" if sig == signal.SIGINT else sig.name
+        print(f"mohge-train: the job was stopped by {what}; the workers' lines above say what was saved "
+              "(resume with checkpoint.resume=auto)", file=sys.stderr, flush=True)
+        return 128 + sig.value
     except ChildFailedError as err:
         code, lines = summarize(err.failures, err.get_first_failure()[0])
         for line in lines:

@@ -202,25 +202,34 @@ class MoEConfig:
         _require(self.router in ROUTERS, f"{prefix}.router", f"must be one of {ROUTERS}")
         for name in ("bias_update_rate", "group_bias_update_rate", "router_entropy_coeff"):
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
-        if self.group_bias_update_rate > 0:
+        if self.group_bias_update_rate > 0 and self.router != "flat":  # router=flat: reported with its others below
             _require(
                 self.router == "group" and self.k_group < self.num_groups,
                 f"{prefix}.group_bias_update_rate",
                 "steers group selection, which only happens with router=group and k_group < number of groups; "
                 "set it to 0",
             )
-        if self.router == "flat":
-            _require(self.k_group == 1, f"{prefix}.k_group", "router=flat selects no groups; leave k_group at 1")
-            _require(self.topk_mode == "global", f"{prefix}.topk_mode", "router=flat takes the global top_k; "
-                     "leave topk_mode=global")
-            _require(self.combine == "renormalize", f"{prefix}.combine", "router=flat renormalises the selected "
-                     "softmax probabilities (the same as a softmax over their logits); leave combine=renormalize")
-            _require(self.group_aux_coeff == 0, f"{prefix}.group_aux_coeff", "router=flat has no group-wise loss "
-                     "(the parameter-penalty loss is weighted by intra_aux_coeff); set group_aux_coeff=0")
+        if self.router == "flat":  # every conflicting field in one line, so the config is fixed in one go
+            checks = [
+                (self.k_group == 1, "k_group", "router=flat selects no groups; leave k_group at 1"),
+                (self.topk_mode == "global", "topk_mode", "router=flat takes the global top_k; leave topk_mode=global"),
+                (self.combine == "renormalize", "combine", "router=flat renormalises the selected softmax "
+                 "probabilities (the same as a softmax over their logits); leave combine=renormalize"),
+                (self.group_aux_coeff == 0, "group_aux_coeff", "router=flat has no group-wise loss (the "
+                 "parameter-penalty loss is weighted by intra_aux_coeff); set group_aux_coeff=0"),
+                (self.group_bias_update_rate == 0, "group_bias_update_rate", "steers group selection, which "
+                 "router=flat does not do; set it to 0"),
+                (self.router_entropy_coeff == 0 or self.top_p is not None, "router_entropy_coeff",
+                 "the router-entropy loss is HMoE's top-p companion; set top_p or router_entropy_coeff=0"),
+            ]
             if self.top_p is not None:
-                _require(0 < self.top_p <= 1, f"{prefix}.top_p", "must lie in (0, 1]")
-                _require(self.capacity_factor is None, f"{prefix}.capacity_factor",
-                         "top-p routing is dropless here; set capacity_factor=null or top_p=null")
+                checks += [(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]"),
+                           (self.capacity_factor is None, "capacity_factor",
+                            "top-p routing is dropless here; set capacity_factor=null or top_p=null")]
+            failed = [f"{prefix}.{name}: {message}" for ok, name, message in checks if not ok]
+            if failed:
+                raise ConfigError("; ".join(failed) if len(failed) == 1 else
+                                  f"{prefix}.router=flat conflicts with {len(failed)} fields: " + "; ".join(failed))
         else:
             _require(self.top_p is None, f"{prefix}.top_p", "top-p routing needs router=flat; set top_p=null")
         if self.router_entropy_coeff > 0:

@@ -92,7 +92,13 @@ def _print_table(cfg, report: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from mohge.train.errors import run_tool
+
     args = parse_args(argv)
+    return run_tool("plan", lambda: _main(args))  # `| head`, Ctrl-C and I/O errors: one line, no traceback
+
+
+def _main(args: argparse.Namespace) -> int:
     from mohge.train.hydra_config import compose_config
 
     if args.memory:

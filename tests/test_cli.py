@@ -42,3 +42,31 @@ def test_print_config_shows_the_resolved_layout(capsys):
     assert out.splitlines()[0] == ("# layout: world 8 = dp_replicate 1 x dp_shard 4 x tp 2 x pp 1; ep 2; "
                                    "global batch 16 = micro 2 x dp 4 x accumulation 2")
     assert "  dp_shard: 4\n" in out
+
+
+def test_router_flat_reports_every_conflicting_field_in_one_line(capsys):
+    bad = {"k_group": "2", "topk_mode": "per_group", "combine": "authors", "group_aux_coeff": "0.01",
+           "group_bias_update_rate": "0.001", "router_entropy_coeff": "0.1"}
+    overrides = ["model.moe.router=flat", *(f"model.moe.{k}={v}" for k, v in bad.items())]
+    with pytest.raises(ConfigError) as err:
+        compose_config("tiny_mohge", overrides)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"model.moe.router=flat conflicts with {len(bad)} fields: "), line
+    for field in bad:
+        assert f"model.moe.{field}: " in line, (field, line)
+    assert main(["--config-name", "tiny_mohge", "--dry-run", *overrides]) == 2
+    assert capsys.readouterr().err.strip() == f"mohge-train: config error: {line}"
+    # Fixing every named field is enough: the config then composes.
+    compose_config("tiny_mohge", ["model.moe.router=flat", "model.moe.k_group=1", "model.moe.group_aux_coeff=0"])
+
+
+def test_plan_output_piped_into_head_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    # The reader is gone before the first write (as `| head` after its lines): every write fails with EPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "mohge.parallel.plan_cli", "--config-name", "mohge_3b",
+                             "--ep", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err

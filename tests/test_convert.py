@@ -73,7 +73,12 @@ def test_standalone_modeling_matches_training_logits(run_dir, tmp_path):
 
 def test_convert_errors_name_the_path(tmp_path, capsys):
     assert convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--checkpoint={tmp_path / 'nope'}: " in err and "does not exist" in err and "checkpoint.resume" not in err
+    (tmp_path / "empty").mkdir()
+    assert convert_main(["to-safetensors", "--checkpoint", str(tmp_path / "empty"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint" in err and "checkpoint.resume" not in err, err
     assert convert_main(["to-dcp", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
 
@@ -111,3 +116,27 @@ def test_export_is_group_readable_reports_progress_and_copies_the_tokenizer(run_
     assert convert_main(["to-safetensors", "--checkpoint", str(run_dir), "--output", str(tmp_path / "x"),
                          "--tokenizer", str(tmp_path / "missing")]) == 2
     assert "the tokenizer to copy into the export does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["to-safetensors", "to-hf"])
+@pytest.mark.parametrize("size", ["-1", "-0.5", "nan", "inf"])
+def test_bad_shard_size_is_refused_before_any_work(run_dir, tmp_path, command, size, capsys):
+    assert convert_main([command, "--checkpoint", str(run_dir), "--output", str(tmp_path / "o"),
+                         "--max-shard-gb", size]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith("mohge-convert: usage error: --max-shard-gb: must be a size in GB > 0, or 0 for one file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_to_safetensors_accepts_the_embedded_tokenizer_spelling(run_dir, tmp_path, monkeypatch, capsys):
+    import mohge.data.embedded as embedded
+
+    monkeypatch.setattr(embedded, "default_dir", lambda: tmp_path / "embedded")
+    args = ["to-safetensors", "--checkpoint", str(run_dir), "--output", str(tmp_path / "st"), "--tokenizer", "embedded"]
+    assert convert_main(args) == 2  # not prepared: one line saying how
+    assert "--tokenizer embedded" in capsys.readouterr().err
+    (tmp_path / "embedded").mkdir()
+    (tmp_path / "embedded" / "tokenizer.json").write_text("{}")
+    assert convert_main(args) == 0
+    assert (tmp_path / "st" / "tokenizer.json").read_text() == "{}"

@@ -82,3 +82,53 @@ def test_eval_errors_name_the_input(run_dir, jsonl, tmp_path, capsys):
     assert "--seq-len 999" in capsys.readouterr().err
     assert eval_main(["--checkpoint", str(tmp_path / "nope"), "--data", str(jsonl), "--tokenizer", "bytes"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-tokens", "-5"), ("--max-tokens", "0"), ("--batch-size", "0"),
+                                         ("--seq-len", "0")])
+def test_argument_ranges_are_refused_before_any_output(run_dir, jsonl, flag, value, capsys):
+    args = ["--checkpoint", str(run_dir), "--data", str(jsonl), "--tokenizer", "bytes", flag, value]
+    assert eval_main(args) == 2  # progress left on: nothing but the error line may be printed
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()], err
+    assert err.startswith(f"mohge-eval: usage error: {flag}: must be >= 1 (got {value})"), err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--device", "foo", "not a torch device"),
+                                               ("--json", "/nonexistent-dir/r.json", "its directory does not exist")])
+def test_bad_device_and_json_path_are_refused_before_any_work(run_dir, jsonl, flag, value, says, capsys):
+    assert eval_main(["--checkpoint", str(run_dir), "--data", str(jsonl), "--tokenizer", "bytes", flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == err.strip().splitlines()[0], err
+    assert err.startswith(f"mohge-eval: usage error: {flag} {value}: {says}"), err
+
+
+def test_input_errors_come_before_any_progress_output(run_dir, jsonl, tmp_path, capsys):
+    base = ["--checkpoint", str(run_dir)]
+    for extra in (["--data", str(jsonl), str(tmp_path / "missing.jsonl"), "--tokenizer", "bytes"],
+                  ["--data", str(jsonl), "--tokenizer", str(tmp_path / "none.json")],
+                  ["--data", str(jsonl)]):
+        assert eval_main([*base, *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines() == [err.strip()], err  # no progress bar before it
+        assert err.startswith("mohge-eval: data error: --"), err
+
+
+def test_tokenizer_spellings_match_mohge_convert(run_dir, jsonl, tmp_path, monkeypatch, capsys):
+    import mohge.data.embedded as embedded
+    from mohge.data.train_tokenizer import train_bpe
+
+    monkeypatch.setattr(embedded, "default_dir", lambda: tmp_path / "embedded")
+    args = ["--checkpoint", str(run_dir), "--data", str(jsonl), "--no-progress", "--seq-len", "16"]
+    assert eval_main([*args, "--tokenizer", "embedded"]) == 2  # not prepared yet: says how
+    assert "mohge-prepare-demo" in capsys.readouterr().err
+    train_bpe([str(jsonl)], 258, str(tmp_path / "embedded"))  # 258 <= the run's vocab of 260
+    for spelling in ("embedded", str(tmp_path / "embedded"), str(tmp_path / "embedded" / "tokenizer.json")):
+        assert eval_main([*args, "--tokenizer", spelling, "--json", str(tmp_path / "r.json")]) == 0, spelling
+        results = json.loads((tmp_path / "r.json").read_text())
+        assert results.pop("data") == [str(jsonl)]
+        if spelling == "embedded":
+            first = results
+        assert results == first
+    assert first["tokens"] > 0
+    capsys.readouterr()

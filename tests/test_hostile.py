@@ -105,6 +105,31 @@ def test_auto_resume_falls_back_to_previous_good_step(run_copy, capsys):
     assert find_latest(str(run_copy)).name == "step_00000001"
 
 
+def test_resuming_from_a_quarantined_checkpoint_names_the_last_good_one(run_copy, capsys):
+    from mohge.launch.convert import main as convert_main
+    from mohge.launch.eval_cli import main as eval_main
+
+    root = run_copy / "checkpoints"
+    _flip_byte(_shard(root / "step_00000003"))
+    Trainer(_cfg(run_copy, "train.steps=5", "checkpoint.resume=auto"))  # quarantines step 3
+    damaged = root / "step_00000003.damaged"
+    assert damaged.is_dir()
+    with pytest.raises(CheckpointError) as err:
+        Trainer(_cfg(run_copy, "train.steps=5", f"checkpoint.resume={damaged}"))
+    line = str(err.value)
+    assert line.startswith(f"checkpoint.resume={damaged}: ") and "quarantined as damaged" in line, line
+    assert "incomplete" not in line and str(root / "step_00000002") in line, line
+    # mohge-convert / mohge-eval name their own flag, not the trainer's field.
+    capsys.readouterr()
+    assert convert_main(["to-safetensors", "--checkpoint", str(damaged), "--output", str(run_copy / "o")]) == 2
+    assert eval_main(["--checkpoint", str(damaged), "--data", "x.jsonl", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [l.split(": ", 2)[:2] for l in lines] == [["mohge-convert", "checkpoint error"],
+                                                      ["mohge-eval", "checkpoint error"]], lines
+    for l in lines:
+        assert f"--checkpoint={damaged}: " in l and "quarantined" in l and "checkpoint.resume" not in l, l
+
+
 def test_every_checkpoint_damaged_stops_instead_of_starting_afresh(run_copy):
     for step in (run_copy / "checkpoints").glob("step_*"):
         _flip_byte(_shard(step))
@@ -392,6 +417,26 @@ def test_unwritable_output_prefix_is_a_clean_error(tmp_path, capsys):
     assert "--output-prefix" in capsys.readouterr().err
 
 
+def test_preprocess_tokenizer_errors_name_the_flag(tmp_path, capsys):
+    from mohge.data.preprocess import main as preprocess_main
+
+    src = _write_jsonl(tmp_path / "a.jsonl", 3)
+    assert preprocess_main(["--input", str(src), "--output-prefix", str(tmp_path / "x"),
+                            "--tokenizer", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mohge-preprocess: data error: --tokenizer {tmp_path / 'none.json'}: no such file; "), err
+    assert "data.tokenizer" not in err
+
+
+@pytest.mark.slow  # a fresh process importing megatron-core: ~10 s on 2 busy cores
+def test_preprocess_prints_no_megatron_import_notices(tmp_path):
+    src = _write_jsonl(tmp_path / "a.jsonl", 3)
+    proc = subprocess.run([sys.executable, "-m", "mohge.data.preprocess", "--input", str(src), "--output-prefix",
+                           str(tmp_path / "x"), "--tokenizer", "bytes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Transformer Engine" not in proc.stderr, proc.stderr
+
+
 # ---- concurrency ---------------------------------------------------------------------------
 def test_second_job_is_refused_and_a_dead_jobs_lock_is_recovered(tmp_path):
     from mohge.train.runlock import LOCK, RunLock
@@ -666,3 +711,73 @@ def test_convert_and_eval_refuse_a_damaged_checkpoint_in_one_line(tmp_path, caps
     assert not (tmp_path / "x" / "model.safetensors").exists()
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_for_eval(str(tmp_path / "run"))
+
+
+def _ctrl_c(out_dir, times: int, *overrides):
+    """mohge-train interrupted `times` times after its third logged step; returns (rc, stdout, stderr)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "mohge.train.cli", "--config-name", "tiny_mohge", *COMMON, f"out_dir={out_dir}",
+           "train.steps=100000", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out_dir / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.02)
+        for _ in range(times):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(tmp_path):
+    from mohge.train.preemption import INTERRUPT_EXIT_CODE
+
+    rc, out, err = _ctrl_c(tmp_path, 1)
+    assert rc == INTERRUPT_EXIT_CODE and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines() == ["mohge-train: Ctrl-C: stopping after this step (saving a checkpoint if the "
+                                        "config saves any); press Ctrl-C again to stop now"], err
+    latest = find_latest(str(tmp_path))
+    steps = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert latest is not None and int(latest.name[5:]) == steps  # the step it stopped after is saved
+    assert out.strip().splitlines()[-1] == f"stopping at step {steps} on Ctrl-C (exit 130): resume with " \
+                                           "checkpoint.resume=auto"
+    assert not (tmp_path / "REQUEUE").exists()  # not a preemption: the SLURM template must not requeue
+    assert Trainer(_cfg(tmp_path, "train.steps=100000", "checkpoint.resume=auto")).step == steps
+
+
+def test_second_ctrl_c_stops_at_once_with_one_line_naming_the_saved_checkpoint(run_copy, monkeypatch, capsys):
+    import mohge.train.trainer as trainer_module
+    from mohge.train.cli import main
+
+    def interrupted(cfg):  # a second Ctrl-C lands in the middle of a step (train/preemption.py)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "train", interrupted)
+    assert main(["--config-name", "tiny_mohge", *COMMON, f"out_dir={run_copy}"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"mohge-train: interrupted: stopped by Ctrl-C; the last complete checkpoint is {find_latest(str(run_copy))} "
+        "(resume with checkpoint.resume=auto; an unfinished save stays a .partial directory and is never loaded)")
+
+
+def test_ctrl_c_under_torchrun_is_one_launcher_line(monkeypatch, capsys):
+    import signal
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from mohge.launch.run import main as launcher_main
+
+    def stopped(args):
+        raise SignalException("Process 1 got signal: 2", sigval=signal.SIGINT)
+
+    monkeypatch.setattr(torchrun, "run", stopped)
+    assert launcher_main(["--nproc-per-node", "2", "-m", "mohge.train.cli"]) == 130
+    assert capsys.readouterr().err.strip() == ("mohge-train: the job was stopped by Ctrl-C; the workers' lines above "
+                                               "say what was saved (resume with checkpoint.resume=auto)")

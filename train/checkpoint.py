@@ -280,9 +280,10 @@ def _prune(root: Path, keep: int) -> None:
 
 
 # ---- load ---------------------------------------------------------------------------------
-def resolve_resume(setting: Optional[str], out_dir: str) -> Optional[Path]:
+def resolve_resume(setting: Optional[str], out_dir: str, flag: str = "checkpoint.resume") -> Optional[Path]:
     """`checkpoint.resume`: None -> fresh start; "auto" -> latest complete one in out_dir, if any;
-    a path -> that checkpoint, which must be complete."""
+    a path -> that checkpoint, which must be complete. `flag` is how errors name the setting
+    (`--checkpoint` for mohge-convert / mohge-eval)."""
     if setting in (None, "", "none"):
         return None
     if setting == "auto":
@@ -291,14 +292,26 @@ def resolve_resume(setting: Optional[str], out_dir: str) -> Optional[Path]:
     if checkpoint_root(setting).is_dir():
         found = find_latest(str(path))
         if found is None:
-            raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint under {path}/checkpoints")
+            damaged = sorted(p.name for p in checkpoint_root(setting).glob("step_*.damaged"))
+            why = f" (only quarantined damaged ones: {', '.join(damaged)})" if damaged else ""
+            raise CheckpointError(f"{flag}={setting}: no complete checkpoint under {path}/checkpoints{why}")
         return found
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume={setting}: {path} does not exist")
+        raise CheckpointError(f"{flag}={setting}: {path} does not exist")
+    if path.name.endswith(".damaged"):  # renamed by _quarantine after failing its checksum / read check
+        good = find_latest(str(path.parent.parent)) if path.parent.name == "checkpoints" else None
+        fix = (f"the last good checkpoint is {good}: use it (or the run dir {path.parent.parent})" if good else
+               "no good checkpoint is left in this run; restore this one from a backup")
+        raise CheckpointError(f"{flag}={setting}: {path} was quarantined as damaged (a file failed its checksum or "
+                              f"could not be read on an earlier resume); {fix}")
     if not is_complete(path):
+        if not (path / META).exists() and not (path / ".metadata").exists() and ".partial" not in path.name:
+            raise CheckpointError(f"{flag}={setting}: {path} is not a checkpoint (no {META}, no .metadata, no "
+                                  "checkpoints/); give a run dir or one of its checkpoints/step_* dirs")
+        fix = "use checkpoint.resume=auto" if flag == "checkpoint.resume" else "give the run dir"
         raise CheckpointError(
-            f"checkpoint.resume={setting}: {path} is incomplete (no {META} or .metadata; a save was "
-            "interrupted). Resume from an earlier step or use checkpoint.resume=auto"
+            f"{flag}={setting}: {path} is incomplete (no {META} or .metadata; a save was "
+            f"interrupted). Use an earlier step or {fix}"
         )
     return path
 

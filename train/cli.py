@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mohge.train.errors import ConfigError, UsageError, run_tool
+from mohge.train.errors import ConfigError, Interrupted, UsageError, hide_megatron_notices, run_tool
 
 EPILOG = """\
 overrides are Hydra-style key=value pairs, e.g.
@@ -85,15 +85,26 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_model(cfg))
         return 0
-    import warnings
-
-    # megatron-core's import-time notices about optional kernels mohge does not use, once per rank.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    hide_megatron_notices()  # once per rank otherwise
     from mohge.train.trainer import train
 
     check_out_dir(cfg.out_dir)
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop took over (train/preemption.py)
+        raise Interrupted(interrupted_line(cfg.out_dir)) from None
     return 0
+
+
+def interrupted_line(out_dir: str) -> str:
+    """What survives a Ctrl-C that stopped the run at once: the newest complete checkpoint."""
+    from mohge.train.checkpoint import find_latest
+
+    latest = find_latest(out_dir)
+    if latest is None:
+        return f"stopped by Ctrl-C; no checkpoint was saved in {out_dir}"
+    return (f"stopped by Ctrl-C; the last complete checkpoint is {latest} (resume with checkpoint.resume=auto; "
+            "an unfinished save stays a .partial directory and is never loaded)")
 
 
 if __name__ == "__main__":

@@ -51,11 +51,28 @@ class DivergenceError(MohgeError, RuntimeError):
     exit_code = 3
 
 
+class Interrupted(MohgeError):
+    """Ctrl-C (KeyboardInterrupt) outside the training loop's own stop path, or a second Ctrl-C;
+    the message says what was saved. Exit code 130, as a shell gives an interrupted command."""
+
+    kind = "interrupted"
+    same_on_every_rank = True
+    exit_code = 130
+
+
 class UsageError(MohgeError, ValueError):
     """A bad command-line argument of a tool (not a config field)."""
 
     kind = "usage"
     same_on_every_rank = True
+
+
+def hide_megatron_notices() -> None:
+    """megatron-core's import-time notices about optional kernels mohge does not use (Transformer
+    Engine, Apex): printed once per process otherwise, before a tool's own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 def _rank() -> int:
@@ -64,6 +81,8 @@ def _rank() -> int:
 
 def error_line(tool: str, err: BaseException) -> str:
     """The one line a user sees for `err`."""
+    if isinstance(err, Interrupted):
+        return f"mohge-{tool}: interrupted: {err}"
     if isinstance(err, MohgeError):
         return f"mohge-{tool}: {err.kind} error: {err}"
     if isinstance(err, OSError):  # out_dir not writable, disk full, missing input file
@@ -88,9 +107,12 @@ def report(tool: str, err: BaseException) -> int:
 
 
 def run_tool(tool: str, fn: Callable[[], Optional[int]]) -> int:
-    """Runs a CLI body: user mistakes (MohgeError, OSError) become one line and exit code 2."""
+    """Runs a CLI body: user mistakes (MohgeError, OSError) become one line and exit code 2;
+    Ctrl-C becomes one line and exit code 130 (never a traceback)."""
     try:
         return fn() or 0
+    except KeyboardInterrupt:
+        return report(tool, Interrupted("stopped by Ctrl-C; what it was writing may be incomplete"))
     except BrokenPipeError:  # `mohge-train --print-config | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -35,7 +35,7 @@ from mohge.train.metrics import MetricsLogger
 from mohge.train.moe_metrics import collect_moe_metrics, weighted_aux_total
 from mohge.train.numerics import DivergenceError, LossGuard, divergence_message
 from mohge.train.optim import build_optimizer, lr_at, set_lr
-from mohge.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from mohge.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionHandler
 from mohge.train.runlock import acquire_run_lock
 from mohge.train.watchdog import Watchdog, collective_timeout
 from mohge.train.throughput import device_peak_tflops, measured_group_fractions, throughput
@@ -341,16 +341,22 @@ class Trainer:
                     self.save()
                 watchdog.beat(f"step {self.step} (log, eval, save)")
                 if not last and preemption.should_stop(self.ctx.group("world"), self.device):
-                    if not (c.every and self.step % c.every == 0):
+                    saves = not preemption.interrupted or bool(c.every) or c.save_final  # Ctrl-C: as configured
+                    if saves and not (c.every and self.step % c.every == 0):
                         self.save()
                     self.finish_pending_save()
-                    if self.ctx.is_log_rank:  # the SLURM template requeues when it finds this
-                        (Path(self.cfg.out_dir) / "REQUEUE").write_text(
-                            f"saved step {self.step} on {preemption.signal_name}\n")
-                    self._print(f"stopping at step {self.step} on {preemption.signal_name}: "
-                                f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
+                    if preemption.interrupted:
+                        self._print(f"stopping at step {self.step} on Ctrl-C (exit {INTERRUPT_EXIT_CODE}): " + (
+                            "resume with checkpoint.resume=auto" if saves else
+                            "nothing saved (checkpoint.every=0, checkpoint.save_final=false)"))
+                    else:
+                        if self.ctx.is_log_rank:  # the SLURM template requeues when it finds this
+                            (Path(self.cfg.out_dir) / "REQUEUE").write_text(
+                                f"saved step {self.step} on {preemption.signal_name}\n")
+                        self._print(f"stopping at step {self.step} on {preemption.signal_name}: "
+                                    f"exit {REQUEUE_EXIT_CODE} asks the scheduler to requeue")
                     self.logger.close()
-                    raise SystemExit(REQUEUE_EXIT_CODE)
+                    raise SystemExit(preemption.exit_code)
             self.finish_pending_save()
         self.logger.close()
         return self.result
