@@ -67,6 +67,16 @@ def _assert_same_metrics(lines: list[dict], reference: list[dict]) -> None:
                 assert got["moe"][name][key] == pytest.approx(layer[key], abs=1e-6), (got["step"], name, key)
 
 
+def _assert_matches_reference(tmp_path, lines: list[dict], reference: list[dict], reference_dir) -> None:
+    """Losses, grad norms, validation losses, final parameters and logged metrics of a parallel
+    run equal the single process's."""
+    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
+    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
+    assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
+    _assert_same_weights(tmp_path, reference_dir)
+    _assert_same_metrics(lines, reference)
+
+
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ref")
@@ -94,11 +104,7 @@ def reference(reference_dir):
 )
 def test_layout_matches_single_process(tmp_path, reference, reference_dir, layout):
     lines = _run(tmp_path, _nproc(layout), *layout)
-    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
-    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
-    assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
-    _assert_same_weights(tmp_path, reference_dir)
-    _assert_same_metrics(lines, reference)
+    _assert_matches_reference(tmp_path, lines, reference, reference_dir)
     layer = lines[0]["moe"]["layers.0.ffn"]
     ref_layer = reference[0]["moe"]["layers.0.ffn"]
     assert layer["expert_load"] == pytest.approx(ref_layer["expert_load"])  # counts summed over dp
@@ -215,11 +221,7 @@ def test_moe_folding_matches_single_process(tmp_path, reference, reference_dir, 
     MoE metrics equal the single process; with fsdp2-tp2-ep2 (ep over the tp ranks) each expert's
     two holders are a dp pair that FSDP-shards it."""
     lines = _run(tmp_path, _nproc(layout), *layout)
-    assert [l["lm_loss"] for l in lines] == pytest.approx([l["lm_loss"] for l in reference], rel=1e-5)
-    assert [l["grad_norm"] for l in lines] == pytest.approx([l["grad_norm"] for l in reference], rel=1e-4)
-    assert _val_losses(lines) == pytest.approx(_val_losses(reference), rel=1e-5)
-    _assert_same_weights(tmp_path, reference_dir)
-    _assert_same_metrics(lines, reference)
+    _assert_matches_reference(tmp_path, lines, reference, reference_dir)
     ep = int(next(o for o in layout if o.startswith("parallel.ep=")).split("=")[1])
     assert len(lines[0]["moe"]["layers.0.ffn"]["ep_rank_tokens"]) == ep
 
