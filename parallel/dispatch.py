@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mohge.model.moe.dispatch import count_per_expert, inverse_permutation
+from mohge.model.moe.dispatch import count_per_expert, inverse_permutation, token_rows
 from mohge.parallel.comm import all_to_all_single
 
 
@@ -54,7 +54,8 @@ class AllToAllDispatcher:
         key_S = self._keys(x_TD.device)[expert_idx_TK.flatten()]
         rows_S = torch.argsort(key_S, stable=True)
         counts_RL = count_per_expert(key_S, self.ep_size * self.max_local).view(self.ep_size, self.max_local)
-        return x_TD[rows_S // K], rows_S, counts_RL
+        inverse_S = inverse_permutation(rows_S)
+        return token_rows(x_TD, rows_S, inverse_S, K), inverse_S, counts_RL
 
     def communicate_counts(self, counts_RL: torch.Tensor) -> torch.Tensor:
         """counts_RL[r, l]: rows for rank r's local expert l -> recv_RL[r, l]: rows from rank r."""
@@ -72,7 +73,7 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor):
         """-> (rows for this rank's experts sorted by local expert, tokens per local expert, handle)."""
-        x_send, rows_S, counts_RL = self.preprocess(x_TD, expert_idx_TK)
+        x_send, inverse_S, counts_RL = self.preprocess(x_TD, expert_idx_TK)
         recv_RL = self.communicate_counts(counts_RL)
         # The one host sync of the layer: all_to_all_single needs its split sizes on the host.
         splits = torch.stack([counts_RL.sum(1), recv_RL.sum(1)]).tolist()
@@ -80,7 +81,7 @@ class AllToAllDispatcher:
         x_recv = all_to_all_single(x_send, send_splits, recv_splits, self.group)
         local_order_Q, tokens_per_local_expert = self.postprocess(recv_RL, sum(recv_splits))
         handle = AllToAllHandle(
-            inverse_permutation(rows_S), local_order_Q, send_splits, recv_splits,
+            inverse_S, local_order_Q, send_splits, recv_splits,
             expert_idx_TK.shape[0], expert_idx_TK.shape[1],
         )
         return x_recv[local_order_Q], tokens_per_local_expert, handle

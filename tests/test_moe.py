@@ -260,3 +260,31 @@ def test_capacity_layer_output_excludes_dropped_slots():
     stats = capped.stats.pop()
     assert stats["dropped_slots"] == float((~keep).sum())
     assert stats["tokens_per_expert"].sum() == float(keep.sum())
+
+
+def test_backward_is_bit_reproducible_on_a_multithreaded_cpu():
+    """Two identical backward passes give bit-identical gradients: the dispatch's token gather
+    sums each token's K slot gradients in slot order (model/moe/dispatch.py TokenRows), where
+    autograd's indexing backward added them atomically in thread order and runs drifted apart."""
+    from mohge.model.moe.dispatch import LocalDispatcher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        T, K, E, D = 2048, 4, 8, 64
+        x = torch.randn(T, D, generator=gen, requires_grad=True)
+        expert_idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        grad_out = torch.randn(T, K, D, generator=gen)
+        dispatcher, grads = LocalDispatcher(E), []
+        for _ in range(4):
+            x.grad = None
+            rows, _, handle = dispatcher.dispatch(x, expert_idx)
+            dispatcher.combine(rows * 1.5, handle).backward(grad_out)
+            grads.append(x.grad.clone())
+        reference = (grad_out * 1.5).sum(1)
+        for g in grads:
+            assert torch.equal(g, grads[0])
+            torch.testing.assert_close(g, reference)
+    finally:
+        torch.set_num_threads(threads)

@@ -34,6 +34,34 @@ def inverse_permutation(perm_S: torch.Tensor) -> torch.Tensor:
     return inv.scatter_(0, perm_S, torch.arange(perm_S.numel(), device=perm_S.device))
 
 
+class TokenRows(torch.autograd.Function):
+    """x_TD -> x_TD[rows_S // K], with a deterministic backward.
+
+    Autograd's own backward of that indexing accumulates the K slot gradients of each token with
+    index_put_(accumulate=True), which on a multi-threaded CPU adds them atomically in whatever
+    order the threads reach them: two identical runs then drift apart in the last bits (in the 4th
+    digit of the loss after ~50 steps). Here each token's K gradients are brought back to [T, K, D]
+    by the inverse permutation and summed in slot order.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, rows_S: torch.Tensor, inverse_S: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse_S)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, rows_S // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_SD: torch.Tensor):
+        (inverse_S,) = ctx.saved_tensors
+        grad_TKD = grad_SD.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SD.shape[-1])
+        return grad_TKD.sum(1), None, None, None
+
+
+def token_rows(x_TD: torch.Tensor, rows_S: torch.Tensor, inverse_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Dispatched row i is x_TD[rows_S[i] // top_k] (inverse_S: the inverse permutation of rows_S)."""
+    return TokenRows.apply(x_TD, rows_S, inverse_S, top_k)
+
+
 @dataclass
 class LocalHandle:
     inverse_S: torch.Tensor  # flattened (token, slot) i was dispatched as row inverse_S[i]
@@ -53,7 +81,8 @@ class LocalDispatcher:
         experts_S = expert_idx_TK.flatten()
         rows_S = torch.argsort(experts_S, stable=True)  # dispatched row i is (token, slot) rows_S[i]
         tokens_per_expert = count_per_expert(experts_S, self.num_experts)
-        return x_TD[rows_S // K], tokens_per_expert, LocalHandle(inverse_permutation(rows_S), T, K)
+        inverse_S = inverse_permutation(rows_S)
+        return token_rows(x_TD, rows_S, inverse_S, K), tokens_per_expert, LocalHandle(inverse_S, T, K)
 
     def combine(self, y_SD: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
         """Expert outputs back to [T, K, D] in the tokens' original order."""
