@@ -71,7 +71,7 @@ def test_usr1_before_time_limit_saves_and_requeues(tmp_path):
     calls = tmp_path / "calls.log"
     _stub(bin_dir, "scontrol", f'if [[ "$1" == show ]]; then echo localhost; else echo "scontrol $*" >> {calls}; fi')
     _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done; SLURM_NODEID=0 exec "$@"')
-    _stub(bin_dir, "scancel", f'echo "scancel $*" >> {calls}; pkill -USR1 -f "mohge.train.cli --config-name tiny_mohge"')
+    _stub(bin_dir, "scancel", f'echo "scancel $*" >> {calls}; pkill -USR1 -f "mohge.train.cli .*out_dir={out}( |$)"')  # this test's trainers only
     script = render(nodes=1, gpus_per_node=1, time="0:10:00", out_dir=str(out), config_name="tiny_mohge",
                     overrides=["data=synthetic", "train.steps=100000", "train.device=cpu", "parallel.backend=gloo",
                                "logging.progress=false", "train.eval_every=0"],
