@@ -81,3 +81,15 @@ def test_plan_output_piped_into_head_is_not_a_traceback():
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_overrides_may_come_before_and_after_flags(capsys):
+    """`mohge-train ... parallel.cp=2 --world-size 4 train.global_batch_size=8` (and mohge-plan
+    alike) was argparse's 'unrecognized arguments' for the overrides after the flag."""
+    from mohge.parallel.plan_cli import parse_args as plan_args
+
+    assert main(["--config-name", "tiny_mohge", "parallel.cp=2", "--print-config", "--world-size", "4",
+                 "train.global_batch_size=8"]) == 0
+    assert "global batch 8 = micro 4 x dp 4 / cp 2 x accumulation 1" in capsys.readouterr().out
+    args = plan_args(["parallel.dp_shard=64", "--memory", "parallel.ep=8"])
+    assert args.memory and args.overrides == ["parallel.dp_shard=64", "parallel.ep=8"]
