@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mem", help="#SBATCH --mem, e.g. 0 (all of each node) or 500G")
     parser.add_argument("--output", "-o", help="write the script here (default: stdout)")
     parser.add_argument("overrides", nargs="*", help="mohge-train overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
     def body() -> int:
         layout = check(args.nodes, args.gpus_per_node, args.config_name, args.overrides)

@@ -31,6 +31,12 @@ def all_to_all_single(x: torch.Tensor, send_splits: list[int], recv_splits: list
     return AllToAllSingle.apply(x, send_splits, recv_splits, group)
 
 
+# Newer torch (2.13 here) renames all_gather_into_tensor / reduce_scatter_tensor (the old names print a
+# FutureWarning on every call, once per rank); same semantics, older torch keeps the old names.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 class GatherSequence(torch.autograd.Function):
     """All-gather of [B, S/n, ...] sequence shards into [B, S, ...] over `group` (rank i holds the
     i-th chunk); the backward reduce-scatters: each rank's computation on the full sequence adds
@@ -41,7 +47,7 @@ class GatherSequence(torch.autograd.Function):
         ctx.group = group
         n = dist.get_world_size(group)
         out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather_single(out, x.contiguous(), group=group)
         return out.view(n, *x.shape).movedim(0, 1).flatten(1, 2)  # [n, B, S/n, ...] -> [B, S, ...]
 
     @staticmethod
@@ -50,7 +56,7 @@ class GatherSequence(torch.autograd.Function):
         B, S = grad_out.shape[:2]
         chunks = grad_out.reshape(B, n, S // n, *grad_out.shape[2:]).movedim(1, 0).contiguous()
         grad_in = grad_out.new_empty(chunks.shape[1:])
-        dist.reduce_scatter_tensor(grad_in, chunks.flatten(0, 1), group=ctx.group)
+        _reduce_scatter_single(grad_in, chunks.flatten(0, 1), group=ctx.group)
         return grad_in, None
 
 

@@ -60,7 +60,8 @@ class ParallelDims:
         if self.moe_fold and self.expert_width % self.ep != 0:
             raise ConfigError(
                 f"parallel.ep: {self.ep} must divide dp_replicate x dp_shard x tp = {self.expert_width} with "
-                f"parallel.moe_fold=true (experts are spread over tp x dp ranks); valid: {_divisors(self.expert_width)}"
+                f"parallel.moe_fold=true (experts are spread over tp x dp ranks); valid: "
+                f"{[d for d in _divisors(self.expert_width) if d > 1]}"  # folding needs ep > 1
             )
         if self.dp % self.ep != 0 and not self.moe_fold:
             fold = (f", or set parallel.moe_fold=true to spread experts over tp x dp = {self.dp * self.tp} ranks"

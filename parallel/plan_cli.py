@@ -44,7 +44,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="share of routed slots per group, e.g. 0.4,0.3,0.2,0.1 (default: uniform)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def tokens_per_rank_step(cfg, ep: int) -> int:

@@ -182,3 +182,39 @@ def test_async_save_is_visible_only_when_complete_and_resumes_exactly(tmp_path):
     assert resumed.step == 2
     assert [resumed.train_step()[0] for _ in range(2)] == full_losses[2:]
     assert losses == full_losses[:3]
+
+
+def test_checkpoint_from_fused_expert_stacks_resumes(tmp_path):
+    """Checkpoints from before the unpadded per-group experts keyed the experts' AdamW step by the
+    fused stacks (`optim/step/<layer>.experts.w13`, `.w2`), not per group: such a checkpoint (the
+    current one rewritten with those keys) resumes, step counts included, to the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+
+    from mohge.train.checkpoint import model_entries, optimizer_entries, quiet_single_process
+
+    full = Trainer(_cfg(tmp_path / "full", "train.steps=4"))
+    full_losses = [full.train_step()[0] for _ in range(4)]
+    first = Trainer(_cfg(tmp_path / "split", "train.steps=4"))
+    losses = [first.train_step()[0] for _ in range(2)]
+    first.save()
+    saved = tmp_path / "split" / "checkpoints" / "step_00000002"
+    entries = {**model_entries(first.model), **optimizer_entries(first.model, first.optimizer)}
+    for key in [k for k in entries if k.startswith("optim/step/") and ".experts.groups." in k]:
+        layer = key[:key.index(".experts.groups.")]
+        entries[f"{layer}.experts.w2" if key.endswith(".w2") else f"{layer}.experts.w13"] = entries.pop(key)
+    old = tmp_path / "old" / "checkpoints" / "step_00000002"
+    old.mkdir(parents=True)
+    with quiet_single_process():
+        dcp.save(entries, checkpoint_id=str(old))
+    assert any(k.endswith(".experts.w13") for k in entries)
+    meta = json.loads((saved / "meta.json").read_text())
+    meta.pop("checksums", None)
+    (old / "meta.json").write_text(json.dumps(meta))
+    resumed = Trainer(_cfg(tmp_path / "split", "train.steps=4", f"checkpoint.resume={old}"))
+    assert resumed.step == 2
+    losses += [resumed.train_step()[0] for _ in range(2)]
+    assert losses == full_losses
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.optimizer.state.values(), resumed.optimizer.state.values()):
+        assert float(a["step"]) == float(b["step"])

@@ -44,6 +44,17 @@ def test_print_config_shows_the_resolved_layout(capsys):
     assert "  dp_shard: 4\n" in out
 
 
+def test_layout_and_pipeline_micro_batches_count_cp_ranks_as_one_reader(capsys):
+    """The cp ranks of a group read the same sequences: the layout line's arithmetic divides by cp,
+    and pp's micro-batch count (checked at start-up, not by torch's pipelining) uses dp / cp."""
+    assert main(["--config-name", "tiny_mohge", "--print-config", "--world-size", "4", "parallel.cp=2",
+                 "train.global_batch_size=8", "train.micro_batch_size=2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "# layout: world 4 = dp_replicate 1 x dp_shard 4 x tp 1 x pp 1; ep 1; "
+        "global batch 8 = micro 2 x dp 4 / cp 2 x accumulation 2")
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 1 micro-batches per step is fewer than the 2"):
+        compose_config("tiny_mohge", ["parallel.pp=2", "parallel.cp=2"], world_size=4)
+
 def test_router_flat_reports_every_conflicting_field_in_one_line(capsys):
     bad = {"k_group": "2", "topk_mode": "per_group", "combine": "authors", "group_aux_coeff": "0.01",
            "group_bias_update_rate": "0.001", "router_entropy_coeff": "0.1"}
@@ -70,3 +81,15 @@ def test_plan_output_piped_into_head_is_not_a_traceback():
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_overrides_may_come_before_and_after_flags(capsys):
+    """`mohge-train ... parallel.cp=2 --world-size 4 train.global_batch_size=8` (and mohge-plan
+    alike) was argparse's 'unrecognized arguments' for the overrides after the flag."""
+    from mohge.parallel.plan_cli import parse_args as plan_args
+
+    assert main(["--config-name", "tiny_mohge", "parallel.cp=2", "--print-config", "--world-size", "4",
+                 "train.global_batch_size=8"]) == 0
+    assert "global batch 8 = micro 4 x dp 4 / cp 2 x accumulation 1" in capsys.readouterr().out
+    args = plan_args(["parallel.dp_shard=64", "--memory", "parallel.ep=8"])
+    assert args.memory and args.overrides == ["parallel.dp_shard=64", "parallel.ep=8"]

@@ -9,15 +9,19 @@ from distributed import run_ranks
 
 
 def _gather_rank(rank, world):
+    import warnings
+
     import torch.distributed as dist
 
     from mohge.parallel.comm import gather_sequence
 
     x_BSlD = torch.full((2, 3, 4), float(rank), dtype=torch.float64) + torch.arange(24.0).view(2, 3, 4)
     x_BSlD.requires_grad_(True)
-    y_BSD = gather_sequence(x_BSlD, dist.group.WORLD)
-    weight_BSD = torch.arange(y_BSD.numel(), dtype=torch.float64).view_as(y_BSD) * (rank + 1)
-    (y_BSD * weight_BSD).sum().backward()
+    with warnings.catch_warnings():  # a deprecated collective would warn on every rank, every layer
+        warnings.simplefilter("error", FutureWarning)
+        y_BSD = gather_sequence(x_BSlD, dist.group.WORLD)
+        weight_BSD = torch.arange(y_BSD.numel(), dtype=torch.float64).view_as(y_BSD) * (rank + 1)
+        (y_BSD * weight_BSD).sum().backward()
     return x_BSlD.detach(), y_BSD.detach(), x_BSlD.grad, weight_BSD
 
 

@@ -419,6 +419,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config, verify:
     except (Exception, CheckpointException) as err:
         raise DamagedCheckpoint(f"{path / '.metadata'}: unreadable ({type(err).__name__}: {err}); "
                                 "the checkpoint is damaged") from err
+    aliases = _legacy_expert_steps(state, available)
     missing = sorted(set(state) - set(available))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
@@ -434,6 +435,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config, verify:
     for key, loaded in state.items():
         if loaded is not targets[key]:
             targets[key].copy_(loaded)
+    for source, steps in aliases.items():
+        for step in steps:
+            step.copy_(state[source])
     rng = path / "rng" / f"rank{_rank()}.pt"
     if rng.is_file():
         try:
@@ -441,6 +445,21 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, run_config, verify:
         except (Exception, CheckpointException) as err:
             raise DamagedCheckpoint(f"{rng}: unreadable ({type(err).__name__}); the checkpoint is damaged") from err
     return meta
+
+
+def _legacy_expert_steps(state: dict, available) -> dict[str, list]:
+    """Checkpoints from before the unpadded per-group experts keyed the routed experts' AdamW step
+    by the fused stacks' names (`optim/step/<layer>.experts.w13`, `.w2`); the step count is the
+    same for every expert tensor, so a missing per-group step is read from the layer's old one.
+    Rewrites `state` in place to load each old key once; returns {old key: step tensors to fill}."""
+    aliases: dict[str, list] = {}
+    for key in [k for k in state if k.startswith("optim/step/") and k not in available and ".experts." in k]:
+        base = key[:key.index(".experts.") + len(".experts.")]
+        old = sorted(a for a in available if a.startswith(base) and ".experts.groups." not in a)
+        if old:
+            aliases.setdefault(old[0], []).append(state.pop(key))
+            state.setdefault(old[0], torch.zeros_like(aliases[old[0]][0]))
+    return aliases
 
 
 def _last_line(err: BaseException) -> str:

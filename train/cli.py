@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="build the model on the meta device, report its size, exit"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def describe_model(cfg) -> str:

@@ -95,7 +95,7 @@ class RunConfig:
         p = self.parallel
         if p.pp > 1:
             n_micro = self.grad_accum_steps if self.train.global_batch_size % (
-                self.train.micro_batch_size * p.dp_replicate * p.dp_shard) == 0 else 0
+                self.train.micro_batch_size * p.dp_replicate * p.dp_shard // p.cp) == 0 else 0  # cp: same data
             if self.model.tie_embeddings:
                 raise ConfigError("model.tie_embeddings: not supported with parallel.pp > 1; set it to false")
             if n_micro and n_micro < p.pp * p.pp_virtual_stages and p.pp_schedule != "gpipe":
@@ -223,7 +223,8 @@ class RunConfig:
         p, t = self.parallel, self.train
         return (f"world {p.world_size} = dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} x pp {p.pp}; "
                 f"ep {p.ep}; global batch {t.global_batch_size} = micro {t.micro_batch_size} x dp "
-                f"{p.dp_replicate * p.dp_shard} x accumulation {self.grad_accum_steps}")
+                f"{p.dp_replicate * p.dp_shard}{f' / cp {p.cp}' if p.cp > 1 else ''} x accumulation "
+                f"{self.grad_accum_steps}")  # cp ranks of a group read the same sequences
 
     @property
     def grad_accum_steps(self) -> int:
