@@ -29,26 +29,29 @@ def bench_moe(num_groups: int) -> MoEConfig:
                      top_k=4, intra_aux_coeff=0.0, group_aux_coeff=0.0)
 
 
-def _rank(rank, world, args, strategy):
+def layer_on_mesh(dims, rank: int, d_model: int, moe: MoEConfig):
+    """(context with its meshes built, one MoHGE layer (loop experts), a module holding it as
+    `.ffn`, which is where the parallel transforms look for MoE layers) for this rank."""
     from mohge.model.moe.layer import MoHGELayer
+    from mohge.parallel.parallelize import ParallelContext
+
+    ctx = ParallelContext(dims=dims, rank=rank)
+    ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes("cpu")
+    layer = MoHGELayer(d_model, moe, "loop")
+    holder = torch.nn.Module()
+    holder.ffn = layer
+    return ctx, layer, holder
+
+
+def _rank(rank, world, args, strategy):
     from mohge.parallel.allocation import rank_flops
     from mohge.parallel.dims import ParallelDims
     from mohge.parallel.expert_parallel import apply_expert_parallel
-    from mohge.parallel.parallelize import ParallelContext
 
     moe = bench_moe(args.groups)
     moe.allocation = strategy
-    dims = ParallelDims(1, world, 1, 1, world, world)
-    ctx = ParallelContext(dims=dims, rank=rank)
-    ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes("cpu")
-    layer = MoHGELayer(args.d_model, moe, "loop")
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ffn = layer
-
-    apply_expert_parallel(Holder(), ctx, moe)
+    ctx, layer, holder = layer_on_mesh(ParallelDims(1, world, 1, 1, world, world), rank, args.d_model, moe)
+    apply_expert_parallel(holder, ctx, moe)
     gen = torch.Generator().manual_seed(0)  # same weights and biases on every rank
     with torch.no_grad():
         for p in layer.parameters():

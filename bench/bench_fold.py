@@ -21,6 +21,8 @@ import torch
 from mohge.launch.local import run_ranks
 from mohge.model.config import ExpertGroupConfig, MoEConfig
 
+from bench_ep import layer_on_mesh  # run as `python bench/bench_fold.py`: bench/ is on the path
+
 
 def bench_moe(num_groups: int) -> MoEConfig:
     return MoEConfig(groups=[ExpertGroupConfig(8, 256 + 128 * g) for g in range(num_groups)],
@@ -30,26 +32,15 @@ def bench_moe(num_groups: int) -> MoEConfig:
 def _rank(rank, world, args, folded):
     import torch.distributed as dist
 
-    from mohge.model.moe.layer import MoHGELayer
     from mohge.parallel.comm import gather_sequence
     from mohge.parallel.dims import ParallelDims
     from mohge.parallel.expert_parallel import apply_expert_parallel
     from mohge.parallel.moe_folding import apply_moe_folding
-    from mohge.parallel.parallelize import ParallelContext
 
     torch.set_num_threads(1)
     moe = bench_moe(args.groups)
     dims = ParallelDims(1, 1, world, 1, world if folded else 1, world, moe_fold=folded)
-    ctx = ParallelContext(dims=dims, rank=rank)
-    ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes("cpu")
-    layer = MoHGELayer(args.d_model, moe, "loop")
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ffn = layer
-
-    holder = Holder()
+    ctx, layer, holder = layer_on_mesh(dims, rank, args.d_model, moe)
     gen = torch.Generator().manual_seed(0)  # the same weights on every rank (before keeping local experts)
     with torch.no_grad():
         for p in layer.parameters():
