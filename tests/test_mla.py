@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from standalone import assert_standalone_matches
 
 from mohge.model.attention import MultiLatentAttention
 from mohge.model.config import ConfigError, MLAConfig, ModelConfig, RopeScalingConfig
@@ -145,17 +146,6 @@ def test_bad_attention_config_names_the_field(kw, needle):
 def test_standalone_modeling_matches_mla_yarn_model(tmp_path):
     """launch/modeling.py (loaded as a loose file) computes the trainer model's logits for MLA +
     YaRN, with and without query compression."""
-    import dataclasses
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    path = Path(__file__).parents[1] / "launch" / "modeling.py"
-    spec = importlib.util.spec_from_file_location("standalone_modeling_mla", path)
-    modeling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(modeling)
     for q_lora_rank in (0, 24):
         cfg = _mla_model(q_lora_rank=q_lora_rank)
         cfg.rope_scaling = RopeScalingConfig(type="yarn", factor=40.0, original_max_seq_len=16, mscale=0.707,
@@ -164,14 +154,4 @@ def test_standalone_modeling_matches_mla_yarn_model(tmp_path):
         model.init_weights(1)
         out = tmp_path / f"q{q_lora_rank}"
         out.mkdir()
-        from mohge.launch.convert import join_experts
-        from mohge.train.checkpoint import model_entries
-
-        # the export's names: one [N, F, D] tensor per size group, as mohge-convert writes them
-        state = join_experts(model_entries(model))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
-        standalone = modeling.MoHGEForCausalLM.from_pretrained(str(out))
-        tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            torch.testing.assert_close(standalone(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+        assert_standalone_matches(model, cfg, out, seq_len=20)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from distributed import run_ranks
+from standalone import assert_standalone_matches
 
 from mohge.model.config import ConfigError, MLAConfig, ModelConfig
 from mohge.model.layers import Attention
@@ -128,20 +129,6 @@ def test_qk_norm_tensor_parallel_matches_single_process():
 
 def test_standalone_modeling_matches_qk_norm_model(tmp_path):
     """launch/modeling.py (loaded as a loose file) computes the trainer model's logits with qk-norm."""
-    import dataclasses
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from mohge.launch.convert import join_experts
-    from mohge.train.checkpoint import model_entries
-
-    path = Path(__file__).parents[1] / "launch" / "modeling.py"
-    spec = importlib.util.spec_from_file_location("standalone_modeling_qk_norm", path)
-    modeling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(modeling)
     cfg = _cfg(ffn_type="mohge")
     model = build_model(cfg, "cpu")
     model.init_weights(1)
@@ -149,10 +136,4 @@ def test_standalone_modeling_matches_qk_norm_model(tmp_path):
         for name, p in model.named_parameters():
             if "q_norm" in name or "k_norm" in name:
                 p.uniform_(0.5, 1.5)
-    state = join_experts(model_entries(model))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
-    standalone = modeling.MoHGEForCausalLM.from_pretrained(str(tmp_path))
-    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(standalone(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    assert_standalone_matches(model, cfg, tmp_path, seq_len=12)
