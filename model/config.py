@@ -55,7 +55,7 @@ class MoEConfig:
     intra_aux_coeff: float = 4e-3  # a_I of the intra-group experts auxiliary loss
     z_loss_coeff: float = 0.0  # router z-loss on the expert logits
     router_init_std: float = 0.02  # std of the router weights' normal init (group and expert gates)
-    expert_compute: str = "auto"  # "loop" (reference), "grouped" (padded, sync-free), "ragged" (exact), "auto"
+    expert_compute: str = "auto"  # "loop" (reference), "grouped" (padded, sync-free), "ragged" (exact, one op per projection), "auto"
     allocation: str = "all_size"  # expert placement over EP ranks: "all_size" | "group_coupled"
     capacity_factor: Optional[float] = None  # None: dropless
     # Where the balance losses count routed slots: "micro_batch" (each forward's own tokens),
@@ -140,7 +140,7 @@ class MoEConfig:
             f"{prefix}.expert_compute",
             f"must be one of {EXPERT_COMPUTE}",
         )
-        if self.expert_compute in ("grouped", "ragged"):
+        if self.expert_compute == "grouped":
             for i, g in enumerate(self.groups):
                 _require(
                     g.ffn_hidden_size % 8 == 0,

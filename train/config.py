@@ -144,9 +144,9 @@ class RunConfig:
             raise ConfigError(f"train.fp8_experts=true: needs train.fp8=torchao (got train.fp8={t.fp8})")
         if self.checkpoint.keep < 0 or self.checkpoint.every < 0:
             raise ConfigError("checkpoint.every / checkpoint.keep: must be >= 0")
-        if t.compile and self.model.moe is not None and self.model.moe.expert_compute in ("loop", "ragged"):
-            raise ConfigError(f"train.compile=true: model.moe.expert_compute={self.model.moe.expert_compute} reads "
-                              "expert counts on the host (a graph break); use model.moe.expert_compute=grouped or auto")
+        if t.compile and self.model.moe is not None and self.model.moe.expert_compute == "loop":
+            raise ConfigError("train.compile=true: model.moe.expert_compute=loop reads expert counts on the host "
+                              "(a graph break); use model.moe.expert_compute=auto, ragged or grouped")
         if t.loss_chunk_tokens < 0:
             raise ConfigError("train.loss_chunk_tokens: must be >= 0 (0: whole logits)")
         if t.loss_chunk_tokens and (self.parallel.tp > 1 or self.parallel.pp > 1):

@@ -67,16 +67,11 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def resolve_expert_compute(setting: str, device: torch.device, compiled: bool = False, moe=None,
-                           d_model: int = 0) -> str:
-    """`auto`: see mohge.model.moe.experts.resolve_auto (grouped on CUDA or compiled, else ragged
-    where grouped_mm's alignment allows, else the loop)."""
+def resolve_expert_compute(setting: str, device: torch.device) -> str:
+    """`auto`: see mohge.model.moe.experts.resolve_auto (ragged on the CPU, grouped elsewhere)."""
     from mohge.model.moe.experts import resolve_auto
 
-    if setting == "auto":
-        widths = [g.ffn_hidden_size for g in moe.groups] if moe is not None else None
-        return resolve_auto(device.type, compiled, widths, d_model)
-    return setting
+    return resolve_auto(device.type) if setting == "auto" else setting
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -103,8 +98,7 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
 
 
 def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> nn.Module:
-    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device, cfg.train.compile, cfg.model.moe,
-                                     cfg.model.d_model)
+    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device)
     model = build_model(cfg.model, "meta", expert_compute=compute)
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     model = parallelize_model(model, ctx, cfg)

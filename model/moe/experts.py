@@ -21,9 +21,12 @@ Compute paths (`model.moe.expert_compute`; docs/performance.md has the measureme
   projection for every width. SwiGLU with zero gate/up rows gives exactly zero on the padding, so
   it computes the unpadded experts exactly. Static shapes, offsets on the device: no host sync at
   ep=1; compute is padded (Fm / mean width).
-- `ragged` (RaggedExperts): per group, grouped GEMMs on the unpadded tensors (gate, up, down: 3
-  per group): exact FLOPs, no weight copies, but it reads the G + 1 group row boundaries on the
-  host (one sync per layer) and launches 3 G GEMMs.
+- `ragged` (RaggedExperts): exact FLOPs, one op per projection for every width
+  (`mohge::ragged_mm`, model/moe/ragged_mm.py): gate and up of all local experts in one op into a
+  zero-padded hidden [S, 2 Fm], SwiGLU at each group's exact width (`mohge::ragged_swiglu`), down
+  in one op reading each row's first F columns. No weight copies; offsets stay on the device; the
+  CPU kernel reads them where they live (no device to wait for: 0 host syncs at ep=1); on other
+  devices it reads them to the host (a sync), so `auto` keeps `grouped` on CUDA.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mohge.model.config import ExpertGroupConfig
+from mohge.model.moe.ragged_mm import ragged_mm, ragged_swiglu
 
 
 @torch.library.custom_op("mohge::grouped_mm", mutates_args=())
@@ -231,30 +235,21 @@ class GroupedExperts(RoutedExperts):
 
 
 class RaggedExperts(RoutedExperts):
-    """Exact FLOPs: per group, grouped GEMMs (gate, up, down) on its unpadded tensors over the
-    group's rows. The group boundaries are read on the host: one sync per layer, 3 G GEMMs."""
+    """Exact FLOPs in one op per projection for every width (model/moe/ragged_mm.py):
+    x @ [w1 | w3] -> silu(gate) * up at each group's width -> @ w2. No weight copies, offsets on
+    the device: no host sync at ep=1 on the CPU (the op's kernel reads them where they live)."""
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         if self.num_experts == 0:
             return x_SD * 0.0
         dtype = _compute_dtype(x_SD)
         x_SD = x_SD.to(dtype)
-        local = self.local_counts()
-        ends = torch.tensor([0, *local]).cumsum(0).to(x_SD.device)
-        cum = F.pad(tokens_per_expert_L.cumsum(0), (1, 0))
-        bounds = cum[ends].tolist()  # first row of every group, and S: the one host sync
-        outs, first = [], 0
-        for g, grp in enumerate(self.groups):
-            n = local[g]
-            if n == 0:
-                continue
-            x = x_SD[bounds[g] : bounds[g + 1]]
-            offs = tokens_per_expert_L[first : first + n].cumsum(0).to(torch.int32)
-            first += n
-            gate = grouped_mm(x, grp.w1.to(dtype).transpose(-2, -1), offs)
-            up = grouped_mm(x, grp.w3.to(dtype).transpose(-2, -1), offs)
-            outs.append(grouped_mm(F.silu(gate) * up, grp.w2.to(dtype).transpose(-2, -1), offs))
-        return torch.cat(outs, dim=0)
+        offs = tokens_per_expert_L.cumsum(0).to(torch.int32)
+        gate_up = [w.to(dtype).transpose(-2, -1) for grp in self.groups for w in (grp.w1, grp.w3)]
+        h = ragged_mm(x_SD, gate_up, offs, 2 * self.max_width, 2, False)  # [S, 2 Fm]: gate | up
+        a = ragged_swiglu(h, offs, self.widths, self.local_counts())  # [S, Fm]
+        down = [grp.w2.to(dtype).transpose(-2, -1) for grp in self.groups]
+        return ragged_mm(a, down, offs, self.d_model, 1, False)
 
 
 def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,16 +266,11 @@ def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[tor
     return out, torch.tensor(padded, device=x_SD.device), rows
 
 
-def resolve_auto(device_type: str, compiled: bool, widths: list[int] | None, d_model: int) -> str:
-    """`expert_compute=auto`: `grouped` on CUDA (sync-free, 2 GEMMs per layer) or when compiled
-    (fullgraph needs sync-free); on CPU eager `ragged` (exact FLOPs: the fastest CPU path measured
-    in bench_moe.py, docs/performance.md) when grouped_mm's 16-byte alignment allows (every width
-    and d_model multiples of 8), else `loop`. Without the widths (None): `loop` on CPU."""
-    if device_type == "cuda" or compiled:
-        return "grouped"
-    if widths is not None and all(w % 8 == 0 for w in widths) and d_model % 8 == 0:
-        return "ragged"
-    return "loop"
+def resolve_auto(device_type: str) -> str:
+    """`expert_compute=auto`: `ragged` on the CPU, eager or compiled (exact FLOPs, sync-free there,
+    one op per projection: the fastest CPU path in bench_moe.py, docs/performance.md); `grouped`
+    elsewhere (sync-free on any device, 2 grouped GEMMs per layer, padded FLOPs)."""
+    return "ragged" if device_type == "cpu" else "grouped"
 
 
 EXPERT_CLASSES = {"loop": LoopExperts, "grouped": GroupedExperts, "ragged": RaggedExperts}
