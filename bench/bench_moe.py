@@ -37,7 +37,7 @@ from mohge.parallel.host_syncs import count_host_syncs
 
 CLASSES = EXPERT_CLASSES
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "mohge::grouped_mm",
-         "mohge::grouped_mm_weight_grad")
+         "mohge::grouped_mm_weight_grad", "mohge::ragged_mm", "mohge::ragged_mm_wgrad")
 
 
 def configs(d_model: int, scale: int) -> dict[str, MoEConfig]:
@@ -94,7 +94,9 @@ def build(kind: str, moe: MoEConfig, d_model: int, compute: str, device: str):
     return module.to(device)
 
 
-def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, repeats, backend):
+def prepare_case(kind, moe, d_model, compute, compiled, tokens, seq, device, backend):
+    """The module and its training step (forward, backward, gradients dropped as the optimizer's
+    zero_grad(set_to_none=True) does), after a first call (compilation when compiled)."""
     module = build(kind, moe, d_model, compute, device)
     x = torch.randn(tokens // seq, seq, d_model, device=device, requires_grad=True)
     grad = torch.randn_like(x)
@@ -102,30 +104,41 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
     fn = torch.compile(module, backend=backend, fullgraph=True) if compiled else module
 
     def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
         out = fn(x) if rope is None else fn(x, rope)
         out.backward(grad)
-        return out
-
-    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
+        return out
 
-    compile_s = time.perf_counter()
+    start = time.perf_counter()
     step()
-    sync()
-    compile_s = time.perf_counter() - compile_s
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    syncs, peak_mb = None, None  # dispatch modes cannot run under torch.compile: eager rows only
+    return step, time.perf_counter() - start
+
+
+def time_pair(steps: dict, repeats: int) -> dict:
+    """Wall and process CPU seconds of each step, the two models' steps interleaved (order
+    alternating every round) so that both see the same machine."""
+    times = {name: ([], []) for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name]()
+            times[name][0].append(time.perf_counter() - start)
+            times[name][1].append(time.process_time() - cpu_start)
+    return times
+
+
+def describe(step, compiled: bool, device: str) -> dict:
+    """GEMM and total ops per layer step (torch.profiler), host syncs and peak memory (eager only:
+    dispatch modes cannot run under torch.compile)."""
+    syncs, peak_mb = None, None
     if not compiled:
         with count_host_syncs() as counted:
             step()
-            sync()
         syncs = sum(counted.values())
         peak = PeakMemory()
         with peak:
@@ -136,7 +149,6 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        sync()
     events = prof.events()
     if device == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -144,7 +156,7 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         ops = len(kernels)
     else:
         # Ops as issued by Python and autograd (an op inside another op, e.g. the per-expert mm
-        # of the CPU grouped_mm fallback, is part of its parent's launch).
+        # of a CPU grouped GEMM kernel, is part of its parent's launch).
         def top(e):
             parent = e.cpu_parent
             while parent is not None:
@@ -156,11 +168,22 @@ def run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, device, 
         issued = [e for e in events if top(e)]
         gemm = sum(1 for e in issued if e.name in GEMMS)
         ops = len(issued)
-    seconds = statistics.median(times)
-    return {"module": kind, "model": model, "experts": compute, "compiled": compiled,
-            "tokens_per_s": tokens / seconds, "ms": seconds * 1e3,
-            "cpu_ms": statistics.median(cpu_times) * 1e3, "gemm_ops": gemm, "ops": ops,
-            "host_syncs": syncs, "peak_mb": peak_mb, "first_call_s": compile_s}
+    return {"gemm_ops": gemm, "ops": ops, "host_syncs": syncs, "peak_mb": peak_mb}
+
+
+def run_pair(kind, compute, compiled, d_model, tokens, seq, device, repeats, backend) -> list[dict]:
+    """MoHGE and the homogeneous MoE, same shapes, one path, timed side by side."""
+    steps, first, rows = {}, {}, []
+    for model, moe in configs(d_model, 1024 // d_model).items():
+        steps[model], first[model] = prepare_case(kind, moe, d_model, compute, compiled, tokens, seq, device,
+                                                  backend)
+    times = time_pair(steps, repeats)
+    for model, step in steps.items():
+        wall, cpu = (statistics.median(t) for t in times[model])
+        rows.append({"module": kind, "model": model, "experts": compute, "compiled": compiled,
+                     "tokens_per_s": tokens / wall, "ms": wall * 1e3, "cpu_ms": cpu * 1e3,
+                     **describe(step, compiled, device), "first_call_s": first[model]})
+    return rows
 
 
 def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, repeats: int) -> list[dict]:
@@ -222,13 +245,13 @@ def main(argv=None) -> int:
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
     repeats = args.repeats or (20 if cuda else 3)
-    scale = 1024 // d_model
     seq = min(tokens, 256 if not cuda else 2048)
     torch.manual_seed(0)
     cases = [("layer", "loop", False), ("layer", "ragged", False), ("layer", "grouped", False),
              ("block", "ragged", False), ("block", "grouped", False)]
     if not args.no_compile:
-        cases += [("layer", "grouped", True), ("block", "grouped", True)]
+        cases += [("layer", "ragged", True), ("layer", "grouped", True), ("block", "ragged", True),
+                  ("block", "grouped", True)]
     rows = []
     if args.only_loss:
         cases = []
@@ -236,21 +259,23 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c[2]]
     cases = [c for c in cases if c[0] in args.modules.split(",")]
     for kind, compute, compiled in cases:
-        for model, moe in configs(d_model, scale).items():
-            rows.append(run_case(kind, model, moe, d_model, compute, compiled, tokens, seq, args.device,
-                                 repeats, args.backend))
+        rows += run_pair(kind, compute, compiled, d_model, tokens, seq, args.device, repeats, args.backend)
     by = {(r["module"], r["experts"], r["compiled"], r["model"]): r for r in rows}
     for r in rows:
         base = by[(r["module"], r["experts"], r["compiled"], "moe")]
         r["vs_moe"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["vs_moe_cpu"] = base["cpu_ms"] / r["cpu_ms"]
+        # against the homogeneous MoE's fastest path of the same module, eager or compiled
+        best = min(b["cpu_ms"] for b in rows if b["model"] == "moe" and b["module"] == r["module"]
+                   and b["compiled"] == r["compiled"])
+        r["vs_best_moe_cpu"] = best / r["cpu_ms"]
     head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
-            f"{'cpu ms':>9}{'vs moe':>8}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
+            f"{'cpu ms':>9}{'vs moe':>8}{'vs best':>8}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
     print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}")
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['vs_best_moe_cpu']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
               f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
     losses = [] if args.no_loss else loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk,
                                                 args.device, repeats)

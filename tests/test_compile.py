@@ -15,12 +15,13 @@ COMMON = ["data=synthetic", "logging.progress=false", "train.eval_every=0", "tra
           "train.steps=3", "checkpoint.save_final=false"]
 
 
+@pytest.mark.parametrize("compute", ["grouped", "ragged"])
 @pytest.mark.parametrize("mode, top_k, capacity", [("global", 3, None), ("per_group", 4, 0.75)])
-def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity):
+def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity, compute):
     """fullgraph=True turns any graph break (host sync, data-dependent shape) into an error.
     aot_eager traces forward and backward like inductor does, without generating code."""
     moe = make_moe(topk_mode=mode, top_k=top_k, capacity_factor=capacity)
-    layer = init_module(MoHGELayer(16, moe, "grouped"), seed=1)
+    layer = init_module(MoHGELayer(16, moe, compute), seed=1)
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)
     eager = layer(x)
     eager.square().sum().backward()
@@ -53,7 +54,8 @@ def _losses(tmp_path, name, *overrides):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # inductor compiles C++ on the CPU: minutes on a loaded machine
 def test_compiled_training_matches_eager(tmp_path):
-    """Three steps of tiny_mohge, inductor-compiled blocks vs eager (both the grouped experts)."""
+    """Three steps of tiny_mohge, inductor-compiled blocks (auto: the ragged experts on the CPU) vs
+    eager with the grouped experts: compile and the two exact paths agree."""
     eager = _losses(tmp_path, "eager", "model.moe.expert_compute=grouped")
     compiled = _losses(tmp_path, "compiled", "train.compile=true")
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)

@@ -1,5 +1,5 @@
 """Routed experts stored unpadded per group: every compute path (grouped: transient padded stacks,
-ragged: per-group GEMMs) == the loop reference, host syncs per path, zero-expert groups, and
+ragged: one ragged op per projection) == the loop reference, host syncs per path, zero-expert groups, and
 checkpoints of the per-group and of the fused-stack layouts load."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from mohge.model.config import ExpertGroupConfig
 from mohge.model.moe.experts import EXPERT_CLASSES, LoopExperts
 from mohge.model.moe.layer import MoHGELayer, moe_layers
 from mohge.model.transformer import build_model
-from mohge.parallel.host_syncs import count_host_syncs
+from mohge.parallel.host_syncs import count_host_syncs, read_on_host
 from mohge.train.checkpoint import model_entries, quiet_single_process
 from mohge.train.hydra_config import compose_config
 
@@ -103,10 +103,11 @@ def test_padded_stacks_hold_every_expert_with_zero_padding():
         assert not w13[i, f:fm].any() and not w13[i, fm + f:].any() and not w2[i, :, f:].any()
 
 
+@pytest.mark.parametrize("compute", PATHS)
 @pytest.mark.parametrize("mode, top_k", [("global", 3), ("per_group", 4)])
 @pytest.mark.parametrize("capacity", [None, 0.75])
-def test_layer_forward_backward_has_no_host_sync(mode, top_k, capacity):
-    layer = init_module(MoHGELayer(D, make_moe(topk_mode=mode, top_k=top_k, capacity_factor=capacity), "grouped"))
+def test_layer_forward_backward_has_no_host_sync(mode, top_k, capacity, compute):
+    layer = init_module(MoHGELayer(D, make_moe(topk_mode=mode, top_k=top_k, capacity_factor=capacity), compute))
     x = torch.randn(2, 7, D, requires_grad=True)
     with count_host_syncs() as syncs:
         out = layer(x)
@@ -115,12 +116,16 @@ def test_layer_forward_backward_has_no_host_sync(mode, top_k, capacity):
     assert x.grad is not None and layer.router.group_gate.weight.grad is not None
 
 
-def test_ragged_path_syncs_once_per_layer():
-    layer = init_module(MoHGELayer(D, make_moe(), "ragged"))
-    x = torch.randn(2, 7, D, requires_grad=True)
+def test_kernels_read_offsets_where_they_live_and_count_elsewhere(monkeypatch):
+    """The ragged op's CPU kernel reads its offsets on the host, where they live: no device to wait
+    for, not counted. The same read of a tensor on any other device is a sync, and counted."""
+    offs = torch.tensor([2, 5])
     with count_host_syncs() as syncs:
-        out = layer(x)
-        (out * torch.randn_like(out)).sum().backward()
+        assert read_on_host(offs) == [2, 5]
+    assert dict(syncs) == {}
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("meta")))
+    with count_host_syncs() as syncs:
+        assert read_on_host(offs) == [2, 5]
     assert dict(syncs) == {"Tensor.tolist": 1}
 
 
@@ -228,8 +233,8 @@ def test_fused_stack_checkpoint_loads(tmp_path):
     torch.testing.assert_close(layer.experts(x, counts), expected, rtol=1e-5, atol=1e-5)
 
 
-def _ep_worker(rank, world, moe):
-    """One EP rank with the grouped path: its output for its tokens, and the syncs of fwd + bwd."""
+def _ep_worker(rank, world, moe, compute):
+    """One EP rank: its output for its tokens, and the syncs of fwd + bwd."""
     from mohge.parallel.dims import ParallelDims
     from mohge.parallel.expert_parallel import apply_expert_parallel
     from mohge.parallel.parallelize import ParallelContext
@@ -237,8 +242,8 @@ def _ep_worker(rank, world, moe):
     dims = ParallelDims(dp_replicate=1, dp_shard=world, tp=1, pp=1, ep=world, world_size=world)
     ctx = ParallelContext(dims=dims, rank=rank)
     ctx.dense_mesh, ctx.expert_mesh = dims.build_meshes("cpu")
-    full = init_module(MoHGELayer(D, moe, "grouped"), seed=2)
-    layer = MoHGELayer(D, moe, "grouped")
+    full = init_module(MoHGELayer(D, moe, compute), seed=2)
+    layer = MoHGELayer(D, moe, compute)
 
     class Holder(torch.nn.Module):
         def __init__(self):
@@ -259,10 +264,11 @@ def _ep_worker(rank, world, moe):
 
 
 @pytest.mark.multirank
-def test_ep2_grouped_path_matches_and_syncs_once_per_layer():
+@pytest.mark.parametrize("compute", PATHS)
+def test_ep2_path_matches_and_syncs_once_per_layer(compute):
     """At EP=2 the layer reads only the all-to-all split sizes back to the host: one sync."""
     from distributed import run_ranks
 
-    for out, expected, syncs in run_ranks(2, _ep_worker, make_moe(top_k=3, k_group=2)):
+    for out, expected, syncs in run_ranks(2, _ep_worker, make_moe(top_k=3, k_group=2), compute):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
         assert syncs == {"Tensor.tolist": 1}

@@ -22,11 +22,11 @@ Compute paths (`model.moe.expert_compute`; docs/performance.md has the measureme
   it computes the unpadded experts exactly. Static shapes, offsets on the device: no host sync at
   ep=1; compute is padded (Fm / mean width).
 - `ragged` (RaggedExperts): exact FLOPs, one op per projection for every width
-  (`mohge::ragged_mm`, model/moe/ragged_mm.py): gate and up of all local experts in one op into a
-  zero-padded hidden [S, 2 Fm], SwiGLU at each group's exact width (`mohge::ragged_swiglu`), down
-  in one op reading each row's first F columns. No weight copies; offsets stay on the device; the
-  CPU kernel reads them where they live (no device to wait for: 0 host syncs at ep=1); on other
-  devices it reads them to the host (a sync), so `auto` keeps `grouped` on CUDA.
+  (`mohge::ragged_mm`, model/moe/ragged_mm.py): gate and up of all local experts in one GEMM op
+  into a hidden [S, 2 Fm] whose rows are [gate F | up F | 0 ...], SwiGLU at each group's width
+  (`mohge::ragged_swiglu`), down in one op reading each row's first F columns. Offsets stay on the
+  device; the CPU kernel reads them where they live (no device to wait for: 0 host syncs at
+  ep=1); on other devices it reads them to the host (a sync), so `auto` keeps `grouped` on CUDA.
 """
 
 from __future__ import annotations
@@ -236,8 +236,8 @@ class GroupedExperts(RoutedExperts):
 
 class RaggedExperts(RoutedExperts):
     """Exact FLOPs in one op per projection for every width (model/moe/ragged_mm.py):
-    x @ [w1 | w3] -> silu(gate) * up at each group's width -> @ w2. No weight copies, offsets on
-    the device: no host sync at ep=1 on the CPU (the op's kernel reads them where they live)."""
+    x @ [w1 | w3] -> silu(gate) * up at each group's width -> @ w2. Offsets on the device: no host
+    sync at ep=1 on the CPU (the op's kernel reads them where they live)."""
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_L: torch.Tensor) -> torch.Tensor:
         if self.num_experts == 0:
@@ -245,11 +245,12 @@ class RaggedExperts(RoutedExperts):
         dtype = _compute_dtype(x_SD)
         x_SD = x_SD.to(dtype)
         offs = tokens_per_expert_L.cumsum(0).to(torch.int32)
-        gate_up = [w.to(dtype).transpose(-2, -1) for grp in self.groups for w in (grp.w1, grp.w3)]
-        h = ragged_mm(x_SD, gate_up, offs, 2 * self.max_width, 2, False)  # [S, 2 Fm]: gate | up
+        # [gate | up] per group: a transient copy (like the grouped path's stacks), one GEMM per expert
+        gate_up = [torch.cat([grp.w1.to(dtype), grp.w3.to(dtype)], dim=1).transpose(-2, -1) for grp in self.groups]
+        h = ragged_mm(x_SD, gate_up, offs, 2 * self.max_width)  # rows [gate F | up F | 0 ...]
         a = ragged_swiglu(h, offs, self.widths, self.local_counts())  # [S, Fm]
         down = [grp.w2.to(dtype).transpose(-2, -1) for grp in self.groups]
-        return ragged_mm(a, down, offs, self.d_model, 1, False)
+        return ragged_mm(a, down, offs, self.d_model)
 
 
 def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,181 +1,198 @@
 """`mohge::ragged_mm`: one grouped GEMM over the local experts of a layer, every width at once.
 
-Shape legend: S rows (sorted by local expert), L local experts (group-major), G size groups, P
-parts per group, n a group's local experts, K/N a part's contraction/output width in its group.
+Shape legend: S rows (sorted by local expert), L local experts (group-major), G size groups, n a
+group's local experts, K/N a group's contraction/output width, F a group's ffn width, Fm the
+widest.
 
-    out = ragged_mm(x [S, X], ws, offs [L], out_cols, parts, split_input)  ->  [S, out_cols]
+    out = ragged_mm(x [S, X], ws, offs [L], out_cols)  ->  [S, out_cols]
 
-`ws` holds G * P weight tensors, group-major (`ws[g * P + p]`, [n_g, K_g, N_g]: part p of group g's
-n_g experts, already transposed to contraction-major), `offs` the cumulative row ends of the L
-experts (on the device; the rows of expert l are offs[l-1]:offs[l]).
+`ws` holds one weight per group ([n_g, K_g, N_g]: group g's n_g experts, contraction-major, i.e.
+the transposed views of the stored tensors), `offs` the cumulative row ends of the L experts (on
+the device; the rows of expert l are offs[l-1]:offs[l]). A row of an expert of group g reads the
+first K_g columns of x and writes x[:, :K_g] @ w into the first N_g columns of out; the columns
+after N_g are zero. FLOPs are exact: no expert multiplies padding.
 
-- `split_input=False` (P output parts): the row of an expert of group g gets, for every part p,
-  `x[:, :K_g] @ ws[g*P+p][j]` in the columns `p * out_cols/P + [0, N_g)`. With P=2 and (gate, up)
-  as the parts this is the fused gate/up projection into one padded [S, 2 Fm] hidden, gate in
-  [0, Fm), up in [Fm, 2 Fm), whatever the group's width F.
-- `split_input=True` (P input parts): `sum_p x[:, p * X/P + [0, K_g)] @ ws[g*P+p][j]` in columns
-  `[0, N_g)`: the same layout read back (the gradient of the gate/up projection).
+The expert MLP in three ops, whatever the number of groups:
+    h = ragged_mm(x, [w1 | w3]^T per group, offs, 2 Fm)    rows: [gate F | up F | 0 ...]
+    a = ragged_swiglu(h, offs, widths, experts)            rows: [silu(gate) * up F | 0 ...]
+    y = ragged_mm(a, w2^T per group, offs, D)
+and back: dx = ragged_mm(dh, [w1 | w3] per group, offs, D) reads each row's [d gate | d up]
+where it is, so no layout is converted anywhere.
 
-Columns a row does not write are zero, so a narrow group's hidden is zero-padded and SwiGLU keeps
-it zero (silu(0) * 0 = 0); the down projection reads only each row's first F_g columns. FLOPs are
-exact: no expert multiplies padding.
-
-One op per projection whatever the number of groups; autograd (dx: this op with the parts on the
-other side; dW: `ragged_mm_wgrad`) and a shape function (torch.compile, fullgraph) are registered.
-Kernels: CPU (any dtype) loops over the experts inside the op reading `offs` where they live, as
-torch's own CPU grouped_mm does; there is no device to wait for. Other devices run the same loop,
-which reads `offs` to the host: a host sync (counted by mohge.parallel.host_syncs), so `auto`
-does not choose this op on CUDA (see experts.resolve_auto).
+Autograd (dx: this op on the transposed weights; dW: `ragged_mm_wgrad`, in the weights' own
+memory layout) and shape functions (torch.compile, fullgraph) are registered. Kernel: per group,
+torch's grouped_mm on the group's rows (its C++ loop over experts; one mm per expert where its
+16-byte alignment does not hold), reading `offs` where it lives, as torch's own CPU grouped_mm
+does: on the CPU there is no device to wait for. On another device the same code reads `offs` to
+the host, a sync (counted by mohge.parallel.host_syncs), so `auto` does not choose this path on
+CUDA (experts.resolve_auto).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mohge.parallel.host_syncs import read_on_host
 
 
-def _part_cols(total: int, parts: int) -> int:
-    if total % parts:
-        raise ValueError(f"ragged_mm: {total} columns do not split into {parts} parts")
-    return total // parts
+def _aligned(*ts: torch.Tensor) -> bool:
+    """torch's grouped_mm takes 16-byte aligned strides and pointers, in fp32/bf16/fp16."""
+    for t in ts:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or t.data_ptr() % 16:
+            return False
+        if any(st != 1 and (st * t.element_size()) % 16 for st in t.stride()):
+            return False
+    return True
 
 
-def _ragged_loop(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int, parts: int,
-                 split_input: bool) -> torch.Tensor:
-    ends = read_on_host(offs)
-    S = x.shape[0]
-    stride_in = _part_cols(x.shape[1], parts) if split_input else 0
-    stride_out = 0 if split_input else _part_cols(out_cols, parts)
-    full = all(w.shape[2] * (1 if split_input else parts) == out_cols for w in ws)
-    out = x.new_empty(S, out_cols) if full else x.new_zeros(S, out_cols)
-    start, e = 0, 0
-    for g in range(len(ws) // parts):
-        group = ws[g * parts : (g + 1) * parts]
-        K, N = group[0].shape[1:]
-        for j in range(group[0].shape[0]):
-            end = ends[e]
-            e += 1
-            if end == start:
-                continue
-            rows = x[start:end]
-            if split_input:
-                dst = out[start:end, :N]
-                torch.mm(rows[:, :K], group[0][j], out=dst)
-                for p in range(1, parts):
-                    dst.addmm_(rows[:, p * stride_in : p * stride_in + K], group[p][j])
-            else:
-                for p in range(parts):
-                    torch.mm(rows[:, :K], group[p][j], out=out[start:end, p * stride_out : p * stride_out + N])
-            start = end
-    if start != S:
-        raise ValueError(f"ragged_mm: offsets end at {start}, x has {S} rows")
+def _transposed(w: torch.Tensor) -> bool:
+    return w.transpose(-2, -1).is_contiguous() and not w.is_contiguous()
+
+
+def _like(w: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like w, in w's memory layout: the weights come as transposed
+    views of the parameters, and a gradient in the parameter's own layout lands in .grad without
+    the slow transposing copy autograd would otherwise make."""
+    if _transposed(w):
+        return w.new_empty(w.shape[:-2] + w.shape[-2:][::-1]).transpose(-2, -1)
+    return w.new_empty(w.shape)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """a [T, K] in segments ending at `ends` (host ints, relative to a), b [n, K, N] -> [T, N]."""
+    if _aligned(a, b):
+        return F.grouped_mm(a, b, offs=torch.tensor(ends, dtype=torch.int32, device=a.device))
+    out, start = a.new_empty(a.shape[0], b.shape[-1]), 0
+    for j, end in enumerate(ends):
+        torch.mm(a[start:end], b[j], out=out[start:end])
+        start = end
     return out
 
 
+def _gemm_wgrad(a: torch.Tensor, g: torch.Tensor, ends: list[int], like: torch.Tensor) -> torch.Tensor:
+    """[n, K, N]: a_j^T @ g_j per segment j (zero for an empty one), laid out like `like`."""
+    if _aligned(a, g):
+        offs = torch.tensor(ends, dtype=torch.int32, device=a.device)
+        if _transposed(like):
+            return F.grouped_mm(g.t(), a, offs=offs).transpose(-2, -1)
+        return F.grouped_mm(a.t(), g, offs=offs)
+    out, start = _like(like), 0
+    for j, end in enumerate(ends):
+        torch.mm(a[start:end].t(), g[start:end], out=out[j])
+        start = end
+    return out
+
+
+def _groups(offs: torch.Tensor, ws: list[torch.Tensor], rows: int):
+    """(weight, first row, end row, its experts' row ends relative to the first) per group, from
+    offs read where it lives; checks that the experts' rows are exactly the `rows` of x."""
+    ends = read_on_host(offs)
+    if len(ends) != sum(w.shape[0] for w in ws):
+        raise ValueError(f"ragged_mm: {len(ends)} offsets for {sum(w.shape[0] for w in ws)} experts")
+    if (ends[-1] if ends else 0) != rows:
+        raise ValueError(f"ragged_mm: offsets end at {ends[-1] if ends else 0}, x has {rows} rows")
+    e = lo = 0
+    for w in ws:
+        n = w.shape[0]
+        hi = ends[e + n - 1] if n else lo
+        yield w, lo, hi, [end - lo for end in ends[e : e + n]]
+        e, lo = e + n, hi
+
+
 @torch.library.custom_op("mohge::ragged_mm", mutates_args=())
-def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int, parts: int,
-              split_input: bool) -> torch.Tensor:
+def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int) -> torch.Tensor:
     """See the module docstring."""
-    return _ragged_loop(x, ws, offs, out_cols, parts, split_input)
+    groups = list(_groups(offs, ws, x.shape[0]))
+    if len(groups) == 1 and ws[0].shape[1:] == (x.shape[1], out_cols):  # one group, full width
+        w, _, _, ends = groups[0]
+        return _gemm(x, w, ends)
+    out = x.new_empty(x.shape[0], out_cols)
+    for w, lo, hi, ends in groups:
+        K, N = w.shape[1:]
+        out[lo:hi, :N] = _gemm(x[lo:hi, :K], w, ends)
+        out[lo:hi, N:] = 0
+    return out
 
 
 @ragged_mm.register_fake
-def _(x, ws, offs, out_cols, parts, split_input):
+def _(x, ws, offs, out_cols):
     return x.new_empty(x.shape[0], out_cols)
 
 
 @torch.library.custom_op("mohge::ragged_mm_wgrad", mutates_args=())
-def ragged_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, parts: int,
-                    split_input: bool) -> list[torch.Tensor]:
-    """Gradients of `ws` for `ragged_mm(x, ws, offs, grad.shape[1], parts, split_input)`."""
-    ends = read_on_host(offs)
-    stride_in = _part_cols(x.shape[1], parts) if split_input else 0
-    stride_out = 0 if split_input else _part_cols(grad.shape[1], parts)
-    out = [w.new_empty(w.shape) for w in ws]
-    start, e = 0, 0
-    for g in range(len(ws) // parts):
-        K, N = ws[g * parts].shape[1:]
-        for j in range(ws[g * parts].shape[0]):
-            end = ends[e]
-            e += 1
-            if end == start:  # an expert without rows: zero gradient
-                for p in range(parts):
-                    out[g * parts + p][j].zero_()
-                continue
-            for p in range(parts):
-                xin = x[start:end, p * stride_in : p * stride_in + K]
-                gout = grad[start:end, p * stride_out : p * stride_out + N]
-                torch.mm(xin.t(), gout, out=out[g * parts + p][j])
-            start = end
+def ragged_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of `ws` for `ragged_mm(x, ws, offs, grad.shape[1])`, each in its weight's layout."""
+    out = []
+    for w, lo, hi, ends in _groups(offs, ws, x.shape[0]):
+        K, N = w.shape[1:]
+        out.append(_like(w).zero_() if hi == lo else _gemm_wgrad(x[lo:hi, :K], grad[lo:hi, :N], ends, w))
     return out
 
 
 @ragged_mm_wgrad.register_fake
-def _(x, grad, ws, offs, parts, split_input):
-    return [w.new_empty(w.shape) for w in ws]
+def _(x, grad, ws, offs):
+    return [_like(w) for w in ws]
 
 
 def _setup(ctx, inputs, output):
-    x, ws, offs, out_cols, parts, split_input = inputs
+    x, ws, offs, out_cols = inputs
     ctx.save_for_backward(x, offs, *ws)
-    ctx.parts, ctx.split_input = parts, split_input
 
 
 def _backward(ctx, grad):
     x, offs, *ws = ctx.saved_tensors
     grad = grad.contiguous()
-    dx = ragged_mm(grad, [w.transpose(-2, -1) for w in ws], offs, x.shape[1], ctx.parts, not ctx.split_input)
-    dws = ragged_mm_wgrad(x, grad, ws, offs, ctx.parts, ctx.split_input)
-    return dx, dws, None, None, None, None
+    dx = ragged_mm(grad, [w.transpose(-2, -1) for w in ws], offs, x.shape[1])
+    return dx, ragged_mm_wgrad(x, grad, ws, offs), None, None
 
 
 ragged_mm.register_autograd(_backward, setup_context=_setup)
 
 
-def _group_bounds(offs: torch.Tensor, experts: list[int]) -> list[int]:
+def _group_rows(offs: torch.Tensor, experts: list[int]) -> list[int]:
     """First row of every group and S, read where offs lives (see read_on_host)."""
     ends = read_on_host(offs)
     bounds, e = [0], 0
     for n in experts:
         e += n
-        bounds.append(ends[e - 1] if e else 0)
+        bounds.append(ends[e - 1] if n else bounds[-1])
     return bounds
 
 
 @torch.library.custom_op("mohge::ragged_swiglu", mutates_args=())
 def ragged_swiglu(h: torch.Tensor, offs: torch.Tensor, widths: list[int], experts: list[int]) -> torch.Tensor:
-    """silu(gate) * up at each group's exact width, h [S, 2 Fm] as `ragged_mm` with 2 output parts
-    writes it (gate [0, F), up [Fm, Fm + F)) -> [S, Fm], zero beyond F. `widths`/`experts`: each
-    group's width and local expert count."""
-    fm = h.shape[1] // 2
-    out = h.new_zeros(h.shape[0], fm)
-    bounds = _group_bounds(offs, experts)
+    """silu(gate) * up at each group's width F from h's rows [gate F | up F | ...] -> [S, Fm], zero
+    after F. `widths`/`experts`: each group's width and local expert count."""
+    fm = max(widths)
+    if all(f == fm for f, n in zip(widths, experts) if n):  # every row at full width
+        return F.silu(h[:, :fm]) * h[:, fm : 2 * fm]
+    out = h.new_empty(h.shape[0], fm)
+    rows = _group_rows(offs, experts)
     for g, f in enumerate(widths):
-        rows = h[bounds[g] : bounds[g + 1]]
-        torch.mul(torch.nn.functional.silu(rows[:, :f]), rows[:, fm : fm + f], out=out[bounds[g] : bounds[g + 1], :f])
+        lo, hi = rows[g], rows[g + 1]
+        torch.mul(F.silu(h[lo:hi, :f]), h[lo:hi, f : 2 * f], out=out[lo:hi, :f])
+        out[lo:hi, f:] = 0
     return out
 
 
 @ragged_swiglu.register_fake
 def _(h, offs, widths, experts):
-    return h.new_empty(h.shape[0], h.shape[1] // 2)
+    return h.new_empty(h.shape[0], max(widths))
 
 
 @torch.library.custom_op("mohge::ragged_swiglu_backward", mutates_args=())
 def ragged_swiglu_backward(grad: torch.Tensor, h: torch.Tensor, offs: torch.Tensor, widths: list[int],
                            experts: list[int]) -> torch.Tensor:
-    fm = h.shape[1] // 2
-    out = h.new_zeros(h.shape)
-    bounds = _group_bounds(offs, experts)
+    """[d gate | d up | 0 ...] per row, in h's layout."""
+    out = h.new_empty(h.shape)
+    rows = _group_rows(offs, experts)
     for g, f in enumerate(widths):
-        lo, hi = bounds[g], bounds[g + 1]
-        gate, up, dy = h[lo:hi, :f], h[lo:hi, fm : fm + f], grad[lo:hi, :f]
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        torch.mul(dy, silu, out=out[lo:hi, fm : fm + f])
-        # d silu(x) / dx = sig * (1 + x * (1 - sig))
-        torch.mul(dy * up, sig * (1 + gate * (1 - sig)), out=out[lo:hi, :f])
+        lo, hi = rows[g], rows[g + 1]
+        dy, gate, up = grad[lo:hi, :f], h[lo:hi, :f], h[lo:hi, f : 2 * f]
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=out[lo:hi, :f])
+        torch.mul(dy, F.silu(gate), out=out[lo:hi, f : 2 * f])
+        out[lo:hi, 2 * f :] = 0
     return out
 
 
