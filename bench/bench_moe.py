@@ -2,15 +2,23 @@
 like bench_gpu.py) against the homogeneous MoE with the same activated parameters, eager and
 compiled, in one run with the same shapes. Prints a table and writes JSON.
 
-Per case: tokens/s (median of timed repeats), the process's CPU time per step (median; on a
-shared CPU far steadier than wall time, since time sliced to other processes is not counted), GEMM and total ops per layer (torch.profiler: ops as
-issued from Python and autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer (mohge.parallel.host_syncs), peak memory of the
-tensors the step allocates. Expert paths (model/moe/experts.py; weights stored unpadded per
-group in all): `grouped` (padded stacks built in forward, one grouped GEMM per projection, no
-sync), `ragged` (grouped GEMMs per size group on the unpadded tensors, exact FLOPs, one sync) and
-`loop` (reference, one matmul chain per expert).
+The two models' steps of a path run interleaved (the order alternating every round), so both see
+the same machine. Per case: tokens/s (median of the timed repeats), the process's CPU time per
+step (median; on a shared CPU steadier than wall time), `vs moe` against the homogeneous model
+on the same path and `vs best` against its fastest path (same module, eager or compiled),
+`spread` the 25th-75th percentile of the per-round ratio (how much the machine moved the
+figure), GEMM and total ops per layer step (torch.profiler: ops as issued from Python and
+autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer step
+(mohge.parallel.host_syncs), peak memory of the tensors the step allocates, first call seconds
+(compilation). Gradients are dropped between steps as the optimizer's zero_grad does.
 
-    python bench/bench_moe.py [--device cpu|cuda] [--out bench_moe.json] [--quick]
+Expert paths (model/moe/experts.py; weights stored unpadded per group in all): `ragged` (one op
+per projection for every width, exact FLOPs; sync-free on the CPU), `grouped` (padded stacks
+built in forward, one grouped GEMM per projection, sync-free everywhere, padded FLOPs) and `loop`
+(reference, one matmul chain per expert).
+
+    python bench/bench_moe.py [--device cpu|cuda] [--out bench_moe.json] [--no-compile]
+                              [--paths ragged,grouped] [--modules layer] [--no-loss]
 """
 
 from __future__ import annotations
@@ -178,10 +186,13 @@ def run_pair(kind, compute, compiled, d_model, tokens, seq, device, repeats, bac
         steps[model], first[model] = prepare_case(kind, moe, d_model, compute, compiled, tokens, seq, device,
                                                   backend)
     times = time_pair(steps, repeats)
+    ratios = sorted(m / h for h, m in zip(times["mohge"][1], times["moe"][1]))  # per round, CPU time
+    spread = [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
     for model, step in steps.items():
         wall, cpu = (statistics.median(t) for t in times[model])
         rows.append({"module": kind, "model": model, "experts": compute, "compiled": compiled,
                      "tokens_per_s": tokens / wall, "ms": wall * 1e3, "cpu_ms": cpu * 1e3,
+                     "round_ratio_iqr": spread if model == "mohge" else None,
                      **describe(step, compiled, device), "first_call_s": first[model]})
     return rows
 
@@ -218,6 +229,11 @@ def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, re
     return rows
 
 
+def _spread(row: dict) -> str:
+    iqr = row["round_ratio_iqr"]
+    return "-" if iqr is None else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
+
+
 def _fmt(value, width: int, spec: str) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
@@ -228,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_moe.json")
     p.add_argument("--d-model", type=int, default=0, help="default: 256 on CPU, 1024 on CUDA")
     p.add_argument("--tokens", type=int, default=0, help="default: 512 on CPU, 16384 on CUDA")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds per path (default 9 on CPU, 20 on CUDA)")
+    p.add_argument("--paths", default="loop,ragged,grouped", help="comma list of expert paths (loop: eager only)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     p.add_argument("--only-compiled", action="store_true", help="compiled rows only")
@@ -244,7 +261,7 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
-    repeats = args.repeats or (20 if cuda else 3)
+    repeats = args.repeats or (20 if cuda else 9)
     seq = min(tokens, 256 if not cuda else 2048)
     torch.manual_seed(0)
     cases = [("layer", "loop", False), ("layer", "ragged", False), ("layer", "grouped", False),
@@ -257,7 +274,7 @@ def main(argv=None) -> int:
         cases = []
     if args.only_compiled:
         cases = [c for c in cases if c[2]]
-    cases = [c for c in cases if c[0] in args.modules.split(",")]
+    cases = [c for c in cases if c[0] in args.modules.split(",") and c[1] in args.paths.split(",")]
     for kind, compute, compiled in cases:
         rows += run_pair(kind, compute, compiled, d_model, tokens, seq, args.device, repeats, args.backend)
     by = {(r["module"], r["experts"], r["compiled"], r["model"]): r for r in rows}
@@ -270,15 +287,15 @@ def main(argv=None) -> int:
                    and b["compiled"] == r["compiled"])
         r["vs_best_moe_cpu"] = best / r["cpu_ms"]
     head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
-            f"{'cpu ms':>9}{'vs moe':>8}{'vs best':>8}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
+            f"{'cpu ms':>9}{'vs moe':>8}{'vs best':>8}{'spread':>11}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
     print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}")
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
-              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['vs_best_moe_cpu']:>8.2f}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
+              f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['vs_best_moe_cpu']:>8.2f}{_spread(r):>11}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
               f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
     losses = [] if args.no_loss else loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk,
-                                                args.device, repeats)
+                                                args.device, repeats if cuda else 3)
     if losses:
         print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
         print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
