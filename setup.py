@@ -54,6 +54,7 @@ setup(
         "sentencepiece": ["sentencepiece"],
         "parquet": ["pyarrow"],
         "hf": ["transformers>=5.0", "lm-eval>=0.4.8", "accelerate"],  # to-hf/from-hf/import-hf, lm-eval (launch/hf_export.py)
+        "triton": ["triton>=3.5"],  # ragged expert kernels (model/moe/ragged_triton.py); CUDA torch ships it
     },
     entry_points={
         "console_scripts": [

@@ -23,9 +23,11 @@ Autograd (dx: this op on the transposed weights; dW: `ragged_mm_wgrad`, in the w
 memory layout) and shape functions (torch.compile, fullgraph) are registered. Kernel: per group,
 torch's grouped_mm on the group's rows (its C++ loop over experts; one mm per expert where its
 16-byte alignment does not hold), reading `offs` where it lives, as torch's own CPU grouped_mm
-does: on the CPU there is no device to wait for. On another device the same code reads `offs` to
-the host, a sync (counted by mohge.parallel.host_syncs), so `auto` does not choose this path on
-CUDA (experts.resolve_auto).
+does: on the CPU there is no device to wait for. CUDA, when triton imports: Triton kernels
+(model/moe/ragged_triton.py), sync-free, one launch per op call, so far checked only in Triton's
+interpreter. Other devices run the same code as the CPU, which reads `offs` to the host, a sync
+(counted by mohge.parallel.host_syncs), so `auto` does not choose this path on CUDA
+(experts.resolve_auto) until a GPU measures the kernels.
 """
 
 from __future__ import annotations
@@ -213,3 +215,11 @@ def _swiglu_backward(ctx, grad):
 
 
 ragged_swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+if torch.version.cuda is not None:  # CUDA builds: kernels in Triton (shipped with them), sync-free
+    try:
+        from mohge.model.moe import ragged_triton  # noqa: E402,F401
+    except ImportError as err:  # no triton: the CPU code runs on CUDA too
+        if not (err.name or "").startswith("triton"):
+            raise
