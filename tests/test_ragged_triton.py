@@ -8,9 +8,10 @@ so nothing leaks into other test files. Each pytest case checks its own line of 
 Shape legend: S rows, D model width, L local experts, G groups, F a group's width, Fm the widest.
 Weights as RaggedExperts passes them: one per group, gate|up [n, D, 2F] and down [n, F, D], both
 transposed views (the dx GEMM and its wgrad take the contiguous transposes: both layouts);
-hidden rows [gate F | up F | 0 ...]. Layout: 4 groups of widths 40, 8, 24, 16 with 2, 3, 0, 2 local experts (a group with no local
-expert); rows per expert 5, 0 | 0, 0, 0 | - | 21, 3: an expert with no rows, a whole group with no
-rows, an expert over several 16-row tiles. Small blocks (16) so every kernel loops over tiles.
+hidden rows [gate F | up F | 0 ...]. Layout: 4 groups of widths 40, 8, 24, 16 with 2, 3, 0, 2
+local experts (a group with no local expert); rows per expert 5, 0 | 0, 0, 0 | - | 21, 3: an
+expert with no rows, a whole group with no rows, an expert over several 16-row tiles. Small
+blocks (16) so every kernel loops over tiles.
 """
 
 from __future__ import annotations
@@ -134,6 +135,35 @@ def _case_rows_past_offsets(dtype):
     assert not dh[S:].any() and dh[:S].any()
 
 
+def _case_bad_shapes(dtype):
+    """Static mismatches raise ValueError before a launch, as the CPU op does for the counts."""
+    from mohge.model.moe.ragged_mm import ragged_mm
+    from mohge.model.moe.ragged_triton import (ragged_mm_triton, ragged_mm_wgrad_triton, ragged_swiglu_backward_triton,
+                                               ragged_swiglu_triton)
+    x, offs, gate_up, down, _ = _layer(dtype)
+    calls = (  # (message part, ops that must raise it, call)
+        ("7 ", (ragged_mm_triton, ragged_mm), lambda mm: mm(x, gate_up[1:], offs, 2 * FM)),  # 5 experts
+        ("needs at most 16 input", (ragged_mm_triton,), lambda mm: mm(x[:, :16], gate_up, offs, 2 * FM)),
+        ("64 output", (ragged_mm_triton,), lambda mm: mm(x, gate_up, offs, 2 * FM - 16)),
+    )
+    for what, ops, call in calls:
+        for mm in ops:
+            try:
+                call(mm)
+            except ValueError as err:
+                assert what in str(err) and "ragged_mm" in str(err), (what, str(err))
+            else:
+                raise AssertionError(f"{mm}: no ValueError for {what!r}")
+    for fn, args in ((ragged_mm_wgrad_triton, (x, x, down, offs)),
+                     (ragged_swiglu_triton, (x, offs, WIDTHS, EXPERTS)),
+                     (ragged_swiglu_backward_triton, (x, x, offs, WIDTHS, EXPERTS))):
+        try:
+            fn(*args)
+        except ValueError:
+            continue
+        raise AssertionError(f"{fn.__name__}: no ValueError")
+
+
 def _layer_vs_loop(dtype, device: str) -> None:
     """RaggedExperts forward + backward through the ops' dispatch and autograd with the Triton
     kernels (the CUDA wrappers, registered here for `device`) == LoopExperts: output, input gradient
@@ -190,13 +220,14 @@ def _layer_vs_loop(dtype, device: str) -> None:
 
 
 def _case_layer(dtype):
-    """The layer on CPU tensors: the Triton kernels replace the CPU loops in this child."""
+    """The layer on CPU tensors: the Triton kernels replace the CPU ops' code in this child."""
     _layer_vs_loop(dtype, "cpu")
 
 
 CASES = {f"{name}-{tag}": (fn, dtype) for name, fn in
          (("mm_gate_up", _case_mm_gate_up), ("mm_gate_up_dx", _case_mm_gate_up_dx), ("mm_down", _case_mm_down),
           ("wgrad", _case_wgrad), ("swiglu", _case_swiglu), ("rows_past_offsets", _case_rows_past_offsets),
+          ("bad_shapes", _case_bad_shapes),
           ("layer", _case_layer))  # last: it replaces the CPU kernels
          for tag, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
 CASES = dict(sorted(CASES.items(), key=lambda kv: kv[0].startswith("layer")))
@@ -298,7 +329,7 @@ def test_interpreter_is_on_only_in_the_child():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_matches_cpu_loop(report, case):
+def test_kernel_matches_cpu_op(report, case):
     assert report.get(case) == "ok", report.get(case, f"{case}: not run")
 
 

@@ -9,7 +9,7 @@ How the launches stay static with data-dependent row counts:
 - `ragged_mm`: grid (cdiv(S, BM) + L + 1 row tiles, cdiv(out_cols, BN)). Every
   program loads `offs` (on the device), counts each expert's row tiles, and finds by a cumulative
   sum which expert and rows its tile is; programs past the last tile return. That bound covers any
-  split of S rows over L experts (plus the rows past offs[-1], which get zeros; the CPU loop
+  split of S rows over L experts (plus the rows past offs[-1], which get zeros; the CPU op
   raises there, a device kernel cannot without a sync). Column tiles past the group's N_g write
   the zero padding instead of a separate memset; their K loop runs 0 times.
 - `ragged_mm_wgrad`: grid (L, cdiv(max K, BK), cdiv(max N, BN)): each program reduces one
