@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[test,hf]'
+	$(PIP) install -q -e '.[test,hf,triton]'
 	touch $@
 
 install: $(STAMP)
