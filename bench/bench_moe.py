@@ -244,13 +244,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_moe.json")
     p.add_argument("--d-model", type=int, default=0, help="default: 256 on CPU, 1024 on CUDA")
     p.add_argument("--tokens", type=int, default=0, help="default: 512 on CPU, 16384 on CUDA")
-    p.add_argument("--repeats", type=int, default=0, help="timed rounds per path (default 9 on CPU, 20 on CUDA)")
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds per path (default 7 on CPU, 20 on CUDA)")
     p.add_argument("--paths", default="loop,ragged,grouped", help="comma list of expert paths (loop: eager only)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     p.add_argument("--only-compiled", action="store_true", help="compiled rows only")
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--loss-tokens", type=int, default=2048)
+    p.add_argument("--loss-tokens", type=int, default=0, help="default: 1024 on CPU, 16384 on CUDA")
     p.add_argument("--loss-chunk", type=int, default=512)
     p.add_argument("--only-loss", action="store_true", help="only the output projection + CE rows")
     p.add_argument("--no-loss", action="store_true", help="skip the output projection + CE rows")
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
-    repeats = args.repeats or (20 if cuda else 9)
+    repeats = args.repeats or (20 if cuda else 7)
     seq = min(tokens, 256 if not cuda else 2048)
     torch.manual_seed(0)
     cases = [("layer", "loop", False), ("layer", "ragged", False), ("layer", "grouped", False),
@@ -294,10 +294,11 @@ def main(argv=None) -> int:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
               f"{r['ms']:>9.1f}{r['vs_moe']:>8.2f}{r['cpu_ms']:>9.1f}{r['vs_moe_cpu']:>8.2f}{r['vs_best_moe_cpu']:>8.2f}{_spread(r):>11}{r['gemm_ops']:>6}{r['ops']:>6}{_fmt(r['host_syncs'], 6, 'd')}"
               f"{_fmt(r['peak_mb'], 9, '.1f')}{r['first_call_s']:>7.1f}")
-    losses = [] if args.no_loss else loss_rows(args.loss_tokens, d_model, args.vocab, args.loss_chunk,
+    loss_tokens = args.loss_tokens or (16384 if cuda else 1024)
+    losses = [] if args.no_loss else loss_rows(loss_tokens, d_model, args.vocab, args.loss_chunk,
                                                 args.device, repeats if cuda else 3)
     if losses:
-        print(f"\noutput projection + cross-entropy, fwd+bwd, {args.loss_tokens} tokens, vocab {args.vocab}")
+        print(f"\noutput projection + cross-entropy, fwd+bwd, {loss_tokens} tokens, vocab {args.vocab}")
         print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
     for r in losses:
         print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")

@@ -106,9 +106,9 @@ def _groups(offs: torch.Tensor, ws: list[torch.Tensor], rows: int):
 def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int) -> torch.Tensor:
     """See the module docstring."""
     groups = list(_groups(offs, ws, x.shape[0]))
-    if len(groups) == 1 and ws[0].shape[1:] == (x.shape[1], out_cols):  # one group, full width
-        w, _, _, ends = groups[0]
-        return _gemm(x, w, ends)
+    if all(w.shape[2] == out_cols for w in ws):  # every row at full width: the GEMMs' own outputs
+        ys = [_gemm(x[lo:hi, : w.shape[1]], w, ends) for w, lo, hi, ends in groups]
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
     out = x.new_empty(x.shape[0], out_cols)
     for w, lo, hi, ends in groups:
         K, N = w.shape[1:]
