@@ -44,8 +44,10 @@ from mohge.parallel.host_syncs import count_host_syncs
 
 
 CLASSES = EXPERT_CLASSES
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "mohge::grouped_mm",
-         "mohge::grouped_mm_weight_grad", "mohge::ragged_mm", "mohge::ragged_mm_wgrad")
+# Ops that issue GEMMs, counted where Python or autograd issues them (matmul / linear dispatch to
+# mm / addmm inside, counted once as the outer op).
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_grouped_mm",
+         "mohge::grouped_mm", "mohge::grouped_mm_weight_grad", "mohge::ragged_mm", "mohge::ragged_mm_wgrad")
 
 
 def configs(d_model: int, scale: int) -> dict[str, MoEConfig]:
