@@ -38,6 +38,7 @@ test-slow: $(TEST_STAMP)
 bench: $(STAMP)  # CPU benchmarks (tables + JSON in runs/); bench/bench_gpu.py needs a GPU
 	$(PY) bench/bench_ep.py --out runs/bench_ep.json
 	$(PY) bench/bench_data.py --out runs/bench_data.json
+	$(PY) bench/bench_moe.py --out runs/bench_moe.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -53,6 +53,21 @@ def _group_of(e, GROUP_END, G: tl.constexpr):
 
 
 @triton.jit
+def _pick(g, ptrs, s0s, sks, sns, G: tl.constexpr):
+    """Group g's tensor pointer and its (expert, K, N) strides, from the per-group tuples."""
+    ptr = ptrs[0]
+    s0 = s0s[0]
+    sk = sks[0]
+    sn = sns[0]
+    for i in tl.static_range(1, G):
+        ptr = tl.where(g == i, ptrs[i], ptr)
+        s0 = tl.where(g == i, s0s[i], s0)
+        sk = tl.where(g == i, sks[i], sk)
+        sn = tl.where(g == i, sns[i], sn)
+    return ptr, s0, sk, sn
+
+
+@triton.jit
 def _mm_kernel(x_ptr, s_xm, s_xk, out_ptr, s_om, s_on, offs_ptr, S, L, ws, ws_s0, ws_sk, ws_sn,
                GROUP_START, GROUP_END, GK, GN, W, G: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -85,15 +100,7 @@ def _mm_kernel(x_ptr, s_xm, s_xk, out_ptr, s_om, s_on, offs_ptr, S, L, ws, ws_s0
     cols = pn * BN + tl.arange(0, BN)
     k_end = tl.where(pn * BN < N, K, 0)  # a column tile past N_g only writes zeros
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    w_ptr = ws[0]
-    s0 = ws_s0[0]
-    sk = ws_sk[0]
-    sn = ws_sn[0]
-    for i in tl.static_range(1, G):
-        w_ptr = tl.where(g == i, ws[i], w_ptr)
-        s0 = tl.where(g == i, ws_s0[i], s0)
-        sk = tl.where(g == i, ws_sk[i], sk)
-        sn = tl.where(g == i, ws_sn[i], sn)
+    w_ptr, s0, sk, sn = _pick(g, ws, ws_s0, ws_sk, ws_sn, G)
     w_ptr += j * s0
     x_rows = x_ptr + rows64[:, None] * s_xm
     for k0 in range(0, k_end, BK):
@@ -146,15 +153,7 @@ def _wgrad_kernel(x_ptr, s_xm, s_xk, g_ptr, s_gm, s_gn, offs_ptr, outs, outs_s0,
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    o_ptr = outs[0]
-    s0 = outs_s0[0]
-    sk = outs_sk[0]
-    sn = outs_sn[0]
-    for i in tl.static_range(1, G):
-        o_ptr = tl.where(g == i, outs[i], o_ptr)
-        s0 = tl.where(g == i, outs_s0[i], s0)
-        sk = tl.where(g == i, outs_sk[i], sk)
-        sn = tl.where(g == i, outs_sn[i], sn)
+    o_ptr, s0, sk, sn = _pick(g, outs, outs_s0, outs_sk, outs_sn, G)
     o_ptr += (e - first).to(tl.int64) * s0  # the weight's layout: a transposed view has sk == 1
     tl.store(o_ptr + ks[:, None].to(tl.int64) * sk + cols[None, :].to(tl.int64) * sn, acc.to(o_ptr.dtype.element_ty),
              mask=kmask[:, None] & nmask[None, :])
