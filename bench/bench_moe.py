@@ -10,7 +10,9 @@ on the same path and `vs best` against its fastest path (same module, eager or c
 figure), GEMM and total ops per layer step (torch.profiler: ops as issued from Python and
 autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per layer step
 (mohge.parallel.host_syncs), peak memory of the tensors the step allocates, first call seconds
-(compilation). Gradients are dropped between steps as the optimizer's zero_grad does.
+(compilation). Gradients are dropped between steps as the optimizer's zero_grad does. On the CPU,
+glibc's malloc keeps freed memory (`steady_malloc`; `--system-malloc` to keep its defaults):
+otherwise page faults on fresh pages, not the layers, decide the comparison.
 
 Expert paths (model/moe/experts.py; weights stored unpadded per group in all): `ragged` (one op
 per projection for every width, exact FLOPs; sync-free on the CPU), `grouped` (padded stacks
@@ -231,6 +233,23 @@ def loss_rows(tokens: int, d_model: int, vocab: int, chunk: int, device: str, re
     return rows
 
 
+def steady_malloc() -> bool:
+    """Keeps freed memory in glibc's heap (no mmap per large tensor, no trimming), as jemalloc or
+    tcmalloc would: by default glibc hands every large freed block back to the OS, each step's
+    tensors then land on fresh pages, and on this VM every first touch of a page costs ~3 us, so
+    page faults, not the layer, set the ranking (the homogeneous layer's larger tensors fault
+    more). Returns False where mallopt is not there (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _spread(row: dict) -> str:
     iqr = row["round_ratio_iqr"]
     return "-" if iqr is None else f"{iqr[0]:.2f}-{iqr[1]:.2f}"
@@ -258,9 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-loss", action="store_true", help="skip the output projection + CE rows")
     p.add_argument("--modules", default="layer,block", help="comma list of layer, block")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on a shared machine)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default malloc settings on the CPU (see steady_malloc)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
+    malloc = "system" if cuda or args.system_malloc or not steady_malloc() else "steady"
     d_model = args.d_model or (1024 if cuda else 256)
     tokens = args.tokens or (16384 if cuda else 512)
     repeats = args.repeats or (20 if cuda else 7)
@@ -290,7 +312,8 @@ def main(argv=None) -> int:
         r["vs_best_moe_cpu"] = best / r["cpu_ms"]
     head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
             f"{'cpu ms':>9}{'vs moe':>8}{'vs best':>8}{'spread':>11}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
-    print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}")
+    print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}, "
+          f"malloc {malloc}")
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
@@ -304,7 +327,7 @@ def main(argv=None) -> int:
         print(f"{'path':<16}{'ms':>9}{'peak MB':>10}{'loss':>10}")
     for r in losses:
         print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
-    report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats,
+    report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats, "malloc": malloc,
               "backend": args.backend, "rows": rows, "loss_rows": losses}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

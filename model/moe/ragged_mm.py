@@ -21,8 +21,8 @@ where it is, so no layout is converted anywhere.
 
 Autograd (dx: this op on the transposed weights; dW: `ragged_mm_wgrad`, in the weights' own
 memory layout) and shape functions (torch.compile, fullgraph) are registered. Kernel: per group,
-torch's grouped_mm on the group's rows (its C++ loop over experts; one mm per expert where its
-16-byte alignment does not hold), reading `offs` where it lives, as torch's own CPU grouped_mm
+torch's grouped_mm on the group's rows for a single group at full width, else one mm per
+expert written straight into its rows of the output (no copies), reading `offs` where it lives, as torch's own CPU grouped_mm
 does: on the CPU there is no device to wait for. CUDA, when triton imports: Triton kernels
 (model/moe/ragged_triton.py), sync-free, one launch per op call, so far checked only in Triton's
 interpreter. Other devices run the same code as the CPU, which reads `offs` to the host, a sync
@@ -106,14 +106,21 @@ def _groups(offs: torch.Tensor, ws: list[torch.Tensor], rows: int):
 def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int) -> torch.Tensor:
     """See the module docstring."""
     groups = list(_groups(offs, ws, x.shape[0]))
-    if all(w.shape[2] == out_cols for w in ws):  # every row at full width: the GEMMs' own outputs
-        ys = [_gemm(x[lo:hi, : w.shape[1]], w, ends) for w, lo, hi, ends in groups]
-        return ys[0] if len(ys) == 1 else torch.cat(ys)
+    if len(groups) == 1 and ws[0].shape[2] == out_cols:  # one group at full width: the GEMM's own output
+        w, _, _, ends = groups[0]
+        return _gemm(x[:, : w.shape[1]], w, ends)
+    # Several groups: each expert's GEMM writes straight into its rows of out (mm's out= takes
+    # the row-strided view), cheaper than a grouped_mm per group and a copy of its result.
     out = x.new_empty(x.shape[0], out_cols)
     for w, lo, hi, ends in groups:
         K, N = w.shape[1:]
-        out[lo:hi, :N] = _gemm(x[lo:hi, :K], w, ends)
-        out[lo:hi, N:] = 0
+        start = lo
+        for j, end in enumerate(ends):
+            if lo + end > start:
+                torch.mm(x[start : lo + end, :K], w[j], out=out[start : lo + end, :N])
+            start = lo + end
+        if N < out_cols:
+            out[lo:hi, N:] = 0
     return out
 
 
