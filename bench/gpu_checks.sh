@@ -140,7 +140,7 @@ main() {
     files=$(grep -l -i -E "cuda|gpu" tests/test_*.py | tr '\n' ' ')
     # shellcheck disable=SC2086  # files: one word per test file
     run_stage tests 120 env PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -rs -m "" \
-      -p pytest_gpu_only --timeout 150 --junitxml="$OUT/tests.xml" $files
+      -p pytest_gpu_only --timeout 100 --junitxml="$OUT/tests.xml" $files
   fi
   if wanted gpu; then
     # 0.75B models: grouped GEMM table, throughput (bf16, fp8, fp8 experts), 200-step stability.
