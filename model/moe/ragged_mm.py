@@ -114,11 +114,9 @@ def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_c
     out = x.new_empty(x.shape[0], out_cols)
     for w, lo, hi, ends in groups:
         K, N = w.shape[1:]
-        start = lo
-        for j, end in enumerate(ends):
-            if lo + end > start:
-                torch.mm(x[start : lo + end, :K], w[j], out=out[start : lo + end, :N])
-            start = lo + end
+        counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+        for x_e, w_e, out_e in zip(x[lo:hi, :K].split(counts), w.unbind(0), out[lo:hi, :N].split(counts)):
+            torch.mm(x_e, w_e, out=out_e)
         if N < out_cols:
             out[lo:hi, N:] = 0
     return out
@@ -180,7 +178,8 @@ def ragged_swiglu(h: torch.Tensor, offs: torch.Tensor, widths: list[int], expert
     rows = _group_rows(offs, experts)
     for g, f in enumerate(widths):
         lo, hi = rows[g], rows[g + 1]
-        torch.mul(F.silu(h[lo:hi, :f]), h[lo:hi, f : 2 * f], out=out[lo:hi, :f])
+        a = torch.ops.aten.silu.out(h[lo:hi, :f], out=out[lo:hi, :f])  # in place: no temporaries
+        a.mul_(h[lo:hi, f : 2 * f])
         out[lo:hi, f:] = 0
     return out
 
@@ -199,8 +198,9 @@ def ragged_swiglu_backward(grad: torch.Tensor, h: torch.Tensor, offs: torch.Tens
     for g, f in enumerate(widths):
         lo, hi = rows[g], rows[g + 1]
         dy, gate, up = grad[lo:hi, :f], h[lo:hi, :f], h[lo:hi, f : 2 * f]
-        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=out[lo:hi, :f])
-        torch.mul(dy, F.silu(gate), out=out[lo:hi, f : 2 * f])
+        d_gate = torch.mul(dy, up, out=out[lo:hi, :f])  # written in place: no temporaries
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        torch.ops.aten.silu.out(gate, out=out[lo:hi, f : 2 * f]).mul_(dy)
         out[lo:hi, 2 * f :] = 0
     return out
 
