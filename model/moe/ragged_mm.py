@@ -20,14 +20,16 @@ and back: dx = ragged_mm(dh, [w1 | w3] per group, offs, D) reads each row's [d g
 where it is, so no layout is converted anywhere.
 
 Autograd (dx: this op on the transposed weights; dW: `ragged_mm_wgrad`, in the weights' own
-memory layout) and shape functions (torch.compile, fullgraph) are registered. Kernel: per group,
-torch's grouped_mm on the group's rows for a single group at full width, else one mm per
-expert written straight into its rows of the output (no copies), reading `offs` where it lives, as torch's own CPU grouped_mm
-does: on the CPU there is no device to wait for. CUDA, when triton imports: Triton kernels
-(model/moe/ragged_triton.py), sync-free, one launch per op call, so far checked only in Triton's
-interpreter. Other devices run the same code as the CPU, which reads `offs` to the host, a sync
-(counted by mohge.parallel.host_syncs), so `auto` does not choose this path on CUDA
-(experts.resolve_auto) until a GPU measures the kernels.
+memory layout) and shape functions (torch.compile, fullgraph) are registered.
+
+Kernels. CPU: a single group at full width (the homogeneous MoE) is one torch grouped_mm (its
+C++ loop over experts); several groups run one mm per expert written straight into its rows of
+the output (no copies; any width). They read `offs` where it lives, as torch's own CPU
+grouped_mm does: on the CPU there is no device to wait for. CUDA with triton: the Triton kernels
+of model/moe/ragged_triton.py (sync-free, one launch per op call; so far run only in Triton's
+interpreter). Any other device runs the CPU code, which reads `offs` to the host: a sync (counted
+by mohge.parallel.host_syncs). `auto` picks this path on the CPU only (experts.resolve_auto)
+until a GPU measures the Triton kernels.
 """
 
 from __future__ import annotations
