@@ -146,9 +146,10 @@ class MoEConfig:
                     g.ffn_hidden_size % 8 == 0,
                     f"{prefix}.groups[{i}].ffn_hidden_size",
                     "must be a multiple of 8 for expert_compute=grouped (grouped GEMM needs 16-byte "
-                    "aligned rows); use expert_compute=loop or pad the width",
+                    "aligned rows); use expert_compute=ragged (exact, any width) or pad the width",
                 )
-            _require(d_model % 8 == 0, "model.d_model", "must be a multiple of 8 for expert_compute=grouped")
+            _require(d_model % 8 == 0, "model.d_model",
+                     "must be a multiple of 8 for expert_compute=grouped; use expert_compute=ragged (any width)")
         _require(self.allocation in ALLOCATIONS, f"{prefix}.allocation", f"must be one of {ALLOCATIONS}")
         _require(self.top_k >= 1, f"{prefix}.top_k", "must be >= 1")
         smallest_kept = sum(sorted(g.num_experts for g in self.groups)[: self.k_group])
