@@ -19,7 +19,7 @@ per projection for every width, exact FLOPs; sync-free on the CPU), `grouped` (p
 built in forward, one grouped GEMM per projection, sync-free everywhere, padded FLOPs) and `loop`
 (reference, one matmul chain per expert).
 
-    python bench/bench_moe.py [--device cpu|cuda] [--out bench_moe.json] [--no-compile]
+    python bench/bench_moe.py [--device cpu|cuda] [--out runs/bench_moe.json] [--no-compile]
                               [--paths ragged,grouped] [--modules layer] [--no-loss]
 """
 
@@ -262,7 +262,7 @@ def _fmt(value, width: int, spec: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="bench_moe.json")
+    p.add_argument("--out", default="runs/bench_moe.json")
     p.add_argument("--d-model", type=int, default=0, help="default: 256 on CPU, 1024 on CUDA")
     p.add_argument("--tokens", type=int, default=0, help="default: 512 on CPU, 16384 on CUDA")
     p.add_argument("--repeats", type=int, default=0, help="timed rounds per path (default 7 on CPU, 20 on CUDA)")
@@ -329,6 +329,7 @@ def main(argv=None) -> int:
         print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
     report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats, "malloc": malloc,
               "backend": args.backend, "rows": rows, "loss_rows": losses}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return 0

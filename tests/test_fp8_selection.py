@@ -36,6 +36,10 @@ def test_expert_compute_selection():
     assert resolve_expert_compute("auto", torch.device("cpu")) == "ragged"
     assert resolve_expert_compute("auto", torch.device("cuda")) == "grouped"
     assert resolve_expert_compute("loop", torch.device("cuda")) == "loop"
+    odd = compose_config("demo", ["model.moe.groups.0.ffn_hidden_size=100"]).model  # grouped_mm refuses it
+    assert resolve_expert_compute("auto", torch.device("cuda"), odd.moe, odd.d_model) == "ragged"
+    demo = compose_config("demo").model
+    assert resolve_expert_compute("auto", torch.device("cuda"), demo.moe, demo.d_model) == "grouped"
     cfg = compose_config("demo", ["model.moe.expert_compute=grouped"]).model
     model = build_model(cfg, "meta", expert_compute="grouped")
     assert isinstance(model.layers["1"].ffn.experts, GroupedExperts)

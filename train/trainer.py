@@ -67,11 +67,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return None
 
 
-def resolve_expert_compute(setting: str, device: torch.device) -> str:
-    """`auto`: see mohge.model.moe.experts.resolve_auto (ragged on the CPU, grouped elsewhere)."""
+def resolve_expert_compute(setting: str, device: torch.device, moe=None, d_model: int = 0) -> str:
+    """`auto`: see mohge.model.moe.experts.resolve_auto (ragged on the CPU; elsewhere grouped where
+    its alignment allows, else ragged)."""
     from mohge.model.moe.experts import resolve_auto
 
-    return resolve_auto(device.type) if setting == "auto" else setting
+    if setting != "auto":
+        return setting
+    return resolve_auto(device.type, [g.ffn_hidden_size for g in moe.groups] if moe else None, d_model)
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,7 @@ def init_distributed(cfg: RunConfig) -> tuple[ParallelContext, torch.device]:
 
 
 def build_parallel_model(cfg: RunConfig, ctx: ParallelContext, device: torch.device) -> nn.Module:
-    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device)
+    compute = resolve_expert_compute(cfg.model.moe.expert_compute, device, cfg.model.moe, cfg.model.d_model)
     model = build_model(cfg.model, "meta", expert_compute=compute)
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     model = parallelize_model(model, ctx, cfg)

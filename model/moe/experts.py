@@ -267,11 +267,15 @@ def pad_segments(x_SD: torch.Tensor, counts: list[int], align: int) -> tuple[tor
     return out, torch.tensor(padded, device=x_SD.device), rows
 
 
-def resolve_auto(device_type: str) -> str:
+def resolve_auto(device_type: str, widths: list[int] | None = None, d_model: int = 0) -> str:
     """`expert_compute=auto`: `ragged` on the CPU, eager or compiled (exact FLOPs, sync-free there,
     one op per projection: the fastest CPU path in bench_moe.py, docs/performance.md); `grouped`
-    elsewhere (sync-free on any device, 2 grouped GEMMs per layer, padded FLOPs)."""
-    return "ragged" if device_type == "cpu" else "grouped"
+    elsewhere (sync-free on any device, 2 grouped GEMMs per layer, padded FLOPs) when grouped_mm's
+    16-byte rows allow it (every width and d_model multiples of 8), else `ragged` (any width)."""
+    if device_type == "cpu":
+        return "ragged"
+    aligned = widths is None or (all(w % 8 == 0 for w in widths) and d_model % 8 == 0)
+    return "grouped" if aligned else "ragged"
 
 
 EXPERT_CLASSES = {"loop": LoopExperts, "grouped": GroupedExperts, "ragged": RaggedExperts}
