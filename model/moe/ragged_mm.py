@@ -67,10 +67,14 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, ends: list[int]) -> torch.Tensor:
     """a [T, K] in segments ending at `ends` (host ints, relative to a), b [n, K, N] -> [T, N]."""
     if _aligned(a, b):
         return F.grouped_mm(a, b, offs=torch.tensor(ends, dtype=torch.int32, device=a.device))
-    out, start = a.new_empty(a.shape[0], b.shape[-1]), 0
-    for j, end in enumerate(ends):
-        torch.mm(a[start:end], b[j], out=out[start:end])
-        start = end
+    return _mm_per_expert(a, b, ends, a.new_empty(a.shape[0], b.shape[-1]))
+
+
+def _mm_per_expert(a: torch.Tensor, b: torch.Tensor, ends: list[int], out: torch.Tensor) -> torch.Tensor:
+    """One mm per expert, each written straight into its rows of `out` (a row-strided view works)."""
+    counts = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    for a_e, b_e, out_e in zip(a.split(counts), b.unbind(0), out.split(counts)):
+        torch.mm(a_e, b_e, out=out_e)
     return out
 
 
@@ -116,9 +120,7 @@ def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_c
     out = x.new_empty(x.shape[0], out_cols)
     for w, lo, hi, ends in groups:
         K, N = w.shape[1:]
-        counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
-        for x_e, w_e, out_e in zip(x[lo:hi, :K].split(counts), w.unbind(0), out[lo:hi, :N].split(counts)):
-            torch.mm(x_e, w_e, out=out_e)
+        _mm_per_expert(x[lo:hi, :K], w, ends, out[lo:hi, :N])
         if N < out_cols:
             out[lo:hi, N:] = 0
     return out
