@@ -100,12 +100,11 @@ def _groups(offs: torch.Tensor, ws: list[torch.Tensor], rows: int):
         raise ValueError(f"ragged_mm: {len(ends)} offsets for {sum(w.shape[0] for w in ws)} experts")
     if (ends[-1] if ends else 0) != rows:
         raise ValueError(f"ragged_mm: offsets end at {ends[-1] if ends else 0}, x has {rows} rows")
-    e = lo = 0
-    for w in ws:
-        n = w.shape[0]
-        hi = ends[e + n - 1] if n else lo
-        yield w, lo, hi, [end - lo for end in ends[e : e + n]]
-        e, lo = e + n, hi
+    rows_g, e = _group_rows(ends, [w.shape[0] for w in ws]), 0
+    for g, w in enumerate(ws):
+        lo, n = rows_g[g], w.shape[0]
+        yield w, lo, rows_g[g + 1], [end - lo for end in ends[e : e + n]]
+        e += n
 
 
 @torch.library.custom_op("mohge::ragged_mm", mutates_args=())
@@ -161,9 +160,9 @@ def _backward(ctx, grad):
 ragged_mm.register_autograd(_backward, setup_context=_setup)
 
 
-def _group_rows(offs: torch.Tensor, experts: list[int]) -> list[int]:
-    """First row of every group and S, read where offs lives (see read_on_host)."""
-    ends = read_on_host(offs)
+def _group_rows(ends: list[int], experts: list[int]) -> list[int]:
+    """First row of every group and S, from the experts' row ends (host ints) and the groups'
+    local expert counts."""
     bounds, e = [0], 0
     for n in experts:
         e += n
@@ -179,7 +178,7 @@ def ragged_swiglu(h: torch.Tensor, offs: torch.Tensor, widths: list[int], expert
     if all(f == fm for f, n in zip(widths, experts) if n):  # every row at full width
         return F.silu(h[:, :fm]) * h[:, fm : 2 * fm]
     out = h.new_empty(h.shape[0], fm)
-    rows = _group_rows(offs, experts)
+    rows = _group_rows(read_on_host(offs), experts)
     for g, f in enumerate(widths):
         lo, hi = rows[g], rows[g + 1]
         a = torch.ops.aten.silu.out(h[lo:hi, :f], out=out[lo:hi, :f])  # in place: no temporaries
@@ -198,7 +197,7 @@ def ragged_swiglu_backward(grad: torch.Tensor, h: torch.Tensor, offs: torch.Tens
                            experts: list[int]) -> torch.Tensor:
     """[d gate | d up | 0 ...] per row, in h's layout."""
     out = h.new_empty(h.shape)
-    rows = _group_rows(offs, experts)
+    rows = _group_rows(read_on_host(offs), experts)
     for g, f in enumerate(widths):
         lo, hi = rows[g], rows[g + 1]
         dy, gate, up = grad[lo:hi, :f], h[lo:hi, :f], h[lo:hi, f : 2 * f]
