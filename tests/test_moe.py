@@ -87,6 +87,17 @@ def test_z_loss_hand_computed():
     assert router_z_loss(logits, offsets).item() == pytest.approx(expected.item())
 
 
+@pytest.mark.parametrize("offsets", [[0, 4, 8, 12], [0, 2, 7, 12]], ids=["equal_groups", "unequal_groups"])
+def test_z_loss_matches_a_loop_over_groups_with_grads(offsets):
+    """The loop-free z-loss (a view, or -inf padding) against the per-group loop it replaces."""
+    logits = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    expected = torch.stack([torch.logsumexp(logits[:, a:b], dim=-1).square()
+                            for a, b in zip(offsets[:-1], offsets[1:])], dim=-1).mean()
+    got = router_z_loss(logits, offsets)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
 def test_group_width_weights():
     moe = make_moe(group_aux_width_interval=16)
     assert moe.width_weights() == [1.0, 1.5, 2.0]

@@ -1,5 +1,6 @@
 """mohge::ragged_mm / ragged_mm_wgrad / ragged_swiglu (model/moe/ragged_mm.py) against a per-expert
-reference written here, and torch.library.opcheck (shape functions, autograd registration, schema)."""
+reference written here, and torch.library.opcheck (shape functions, autograd registration, schema),
+each with both CPU kernels: the C++ loop (model/moe/ragged_cpu.cpp) and the Python one."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mohge.model.moe import cpu_kernels
 from mohge.model.moe.ragged_mm import ragged_mm, ragged_swiglu
 
 GROUP_EXPERTS = [2, 0, 3]  # a group without local experts in the middle
 WIDTHS = [8, 16, 24]
 D = 12
+
+
+@pytest.fixture(params=["cpp", "python"], autouse=True)
+def kernel(request, monkeypatch):
+    """Every test here runs with the C++ kernels and with the Python ones."""
+    if request.param == "python":
+        monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
+    elif cpu_kernels.ops() is None:
+        pytest.skip("MOHGE_CPU_KERNELS=python: the C++ kernels are not built")
+    return request.param
 
 
 def _weights(dtype, transpose=False):
@@ -38,10 +50,11 @@ def _reference(x, ws, counts, out_cols):
 @pytest.mark.parametrize("direction", ["up", "down"])
 @pytest.mark.parametrize("counts", [[3, 0, 4, 1, 0], [0, 0, 5, 0, 2], [0, 0, 0, 0, 0]],
                          ids=["uneven", "first_group_empty", "no_rows"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64_mm_loop", "fp32_grouped_mm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_matches_per_expert_reference_with_grads(direction, counts, dtype):
     """up: D -> each group's 2F (zero after); down: each row's first 2F columns -> D.
-    float64 runs the one-mm-per-expert kernel, float32 torch's grouped_mm per group."""
+    In the Python kernels float64 runs the one-mm-per-expert loop, float32 torch's grouped_mm per
+    group (16-byte aligned rows)."""
     up = direction == "up"
     ws = _weights(dtype, transpose=not up)
     out_cols = 2 * max(WIDTHS) if up else D
@@ -107,3 +120,33 @@ def test_offsets_that_do_not_cover_x_are_refused():
     ws = _weights(torch.float32)
     with pytest.raises(ValueError, match="offsets end at 4, x has 5 rows"):
         ragged_mm(torch.randn(5, D), ws, torch.tensor([1, 1, 3, 4, 4]), 2 * max(WIDTHS))
+    with pytest.raises(ValueError, match="4 offsets for 5 experts"):
+        ragged_mm(torch.randn(4, D), ws, torch.tensor([1, 1, 3, 4]), 2 * max(WIDTHS))
+
+
+def test_cpp_kernels_are_built_unless_python_is_chosen(kernel):
+    """A machine with a compiler (CI's) runs the C++ kernels: a failed build would otherwise only
+    warn and run the slower Python loop unnoticed."""
+    if kernel == "python":
+        pytest.skip("one check is enough")
+    assert cpu_kernels.ops() is torch.ops.mohge_cpu
+    assert hasattr(torch.ops.mohge_cpu, "ragged_swiglu_backward")
+
+
+def test_kernel_choice_and_failed_build_fall_back_with_one_warning(kernel, monkeypatch):
+    if kernel == "python":
+        pytest.skip("one check is enough")
+    ops = cpu_kernels.ops.__wrapped__  # uncached
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MOHGE_CPU_KERNELS='fast': use one of cpp, python"):
+        ops()
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "python")
+    assert ops() is None
+
+    def no_compiler():
+        raise RuntimeError("Error building extension 'mohge_ragged_cpu_x'\nc++: not found")
+
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")
+    monkeypatch.setattr(cpu_kernels, "_load", no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(Error building extension .*the Python kernels run"):
+        assert ops() is None

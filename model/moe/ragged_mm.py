@@ -22,14 +22,17 @@ where it is, so no layout is converted anywhere.
 Autograd (dx: this op on the transposed weights; dW: `ragged_mm_wgrad`, in the weights' own
 memory layout) and shape functions (torch.compile, fullgraph) are registered.
 
-Kernels. CPU: a single group at full width (the homogeneous MoE) is one torch grouped_mm (its
-C++ loop over experts); several groups run one mm per expert written straight into its rows of
-the output (no copies; any width). They read `offs` where it lives, as torch's own CPU
-grouped_mm does: on the CPU there is no device to wait for. CUDA with triton: the Triton kernels
-of model/moe/ragged_triton.py (sync-free, one launch per op call; so far run only in Triton's
-interpreter). Any other device runs the CPU code, which reads `offs` to the host: a sync (counted
-by mohge.parallel.host_syncs). `auto` picks this path on the CPU only (experts.resolve_auto)
-until a GPU measures the Triton kernels.
+Kernels. CPU: one C++ loop over the experts (model/moe/ragged_cpu.cpp, built on first use by
+model/moe/cpu_kernels.py): each expert's GEMM written straight into its rows of the output (no
+copies; any width), SwiGLU in place per group. Where it cannot be built (or with
+MOHGE_CPU_KERNELS=python) the same loop in Python below: a single group at full width (the
+homogeneous MoE) is one torch grouped_mm (its C++ loop over experts), several groups one mm per
+expert. Both read `offs` where it lives, as torch's own CPU grouped_mm does: on the CPU there is
+no device to wait for. CUDA with triton: the Triton kernels of model/moe/ragged_triton.py
+(sync-free, one launch per op call; so far run only in Triton's interpreter). Any other device
+runs the Python code, which reads `offs` to the host: a sync (counted by
+mohge.parallel.host_syncs). `auto` picks this path on the CPU only (experts.resolve_auto) until a
+GPU measures the Triton kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mohge.model.moe import cpu_kernels
 from mohge.parallel.host_syncs import read_on_host
+
+
+def _native(*tensors: torch.Tensor):
+    """The C++ CPU kernels (torch.ops.mohge_cpu) when every tensor is on the CPU and they are
+    built, else None (the Python kernels below run)."""
+    return cpu_kernels.ops() if all(t.device.type == "cpu" for t in tensors) else None
 
 
 def _aligned(*ts: torch.Tensor) -> bool:
@@ -110,6 +120,8 @@ def _groups(offs: torch.Tensor, ws: list[torch.Tensor], rows: int):
 @torch.library.custom_op("mohge::ragged_mm", mutates_args=())
 def ragged_mm(x: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor, out_cols: int) -> torch.Tensor:
     """See the module docstring."""
+    if (native := _native(x, offs)) is not None:
+        return native.ragged_mm(x, ws, offs, out_cols)
     groups = list(_groups(offs, ws, x.shape[0]))
     if len(groups) == 1 and ws[0].shape[2] == out_cols:  # one group at full width: the GEMM's own output
         w, _, _, ends = groups[0]
@@ -133,6 +145,8 @@ def _(x, ws, offs, out_cols):
 @torch.library.custom_op("mohge::ragged_mm_wgrad", mutates_args=())
 def ragged_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, ws: list[torch.Tensor], offs: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of `ws` for `ragged_mm(x, ws, offs, grad.shape[1])`, each in its weight's layout."""
+    if (native := _native(x, grad, offs)) is not None:
+        return native.ragged_mm_wgrad(x, grad, ws, offs)
     out = []
     for w, lo, hi, ends in _groups(offs, ws, x.shape[0]):
         K, N = w.shape[1:]
@@ -174,6 +188,8 @@ def _group_rows(ends: list[int], experts: list[int]) -> list[int]:
 def ragged_swiglu(h: torch.Tensor, offs: torch.Tensor, widths: list[int], experts: list[int]) -> torch.Tensor:
     """silu(gate) * up at each group's width F from h's rows [gate F | up F | ...] -> [S, Fm], zero
     after F. `widths`/`experts`: each group's width and local expert count."""
+    if (native := _native(h, offs)) is not None:
+        return native.ragged_swiglu(h, offs, widths, experts)
     fm = max(widths)
     if all(f == fm for f, n in zip(widths, experts) if n):  # every row at full width
         return F.silu(h[:, :fm]) * h[:, fm : 2 * fm]
@@ -196,6 +212,8 @@ def _(h, offs, widths, experts):
 def ragged_swiglu_backward(grad: torch.Tensor, h: torch.Tensor, offs: torch.Tensor, widths: list[int],
                            experts: list[int]) -> torch.Tensor:
     """[d gate | d up | 0 ...] per row, in h's layout."""
+    if (native := _native(grad, h, offs)) is not None:
+        return native.ragged_swiglu_backward(grad, h, offs, widths, experts)
     out = h.new_empty(h.shape)
     rows = _group_rows(read_on_host(offs), experts)
     for g, f in enumerate(widths):
