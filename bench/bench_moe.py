@@ -12,7 +12,9 @@ autograd, an op's inner ops not counted again; on CUDA, kernels), host syncs per
 (mohge.parallel.host_syncs), peak memory of the tensors the step allocates, first call seconds
 (compilation). Gradients are dropped between steps as the optimizer's zero_grad does. On the CPU,
 glibc's malloc keeps freed memory (`steady_malloc`; `--system-malloc` to keep its defaults):
-otherwise page faults on fresh pages, not the layers, decide the comparison.
+otherwise page faults on fresh pages, not the layers, decide the comparison. The ragged ops run
+their C++ CPU kernels (model/moe/cpu_kernels.py; MOHGE_CPU_KERNELS=python: the Python loop); the
+header line says which.
 
 Expert paths (model/moe/experts.py; weights stored unpadded per group in all): `ragged` (one op
 per projection for every width, exact FLOPs; sync-free on the CPU), `grouped` (padded stacks
@@ -39,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mohge.model.config import ExpertGroupConfig, ModelConfig, MoEConfig
 from mohge.model.layers import rope_cache
 from mohge.model.loss import chunked_linear_cross_entropy
+from mohge.model.moe import cpu_kernels
 from mohge.model.moe.experts import EXPERT_CLASSES
 from mohge.model.moe.layer import MoHGELayer
 from mohge.model.transformer import TransformerBlock
@@ -287,6 +290,8 @@ def main(argv=None) -> int:
     tokens = args.tokens or (16384 if cuda else 512)
     repeats = args.repeats or (20 if cuda else 7)
     seq = min(tokens, 256 if not cuda else 2048)
+    # The ragged ops' CPU kernels: C++ (built here, before any timing) or the Python loop.
+    kernels = "-" if cuda else "cpp" if cpu_kernels.ops() is not None else "python"
     torch.manual_seed(0)
     cases = [("layer", "loop", False), ("layer", "ragged", False), ("layer", "grouped", False),
              ("block", "ragged", False), ("block", "grouped", False)]
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
     head = (f"{'module':<7}{'model':<7}{'experts':<10}{'compiled':<9}{'tok/s':>10}{'ms':>9}{'vs moe':>8}"
             f"{'cpu ms':>9}{'vs moe':>8}{'vs best':>8}{'spread':>11}{'gemm':>6}{'ops':>6}{'syncs':>6}{'peak MB':>9}{'1st s':>7}")
     print(f"device {args.device}, d_model {d_model}, tokens {tokens}, threads {torch.get_num_threads()}, "
-          f"malloc {malloc}")
+          f"malloc {malloc}, cpu kernels {kernels}")
     print(head)
     for r in rows:
         print(f"{r['module']:<7}{r['model']:<7}{r['experts']:<10}{str(r['compiled']):<9}{r['tokens_per_s']:>10.0f}"
@@ -328,7 +333,7 @@ def main(argv=None) -> int:
     for r in losses:
         print(f"{r['path']:<16}{r['ms']:>9.1f}{r['peak_mb']:>10.1f}{r['loss']:>10.4f}")
     report = {"device": args.device, "d_model": d_model, "tokens": tokens, "repeats": repeats, "malloc": malloc,
-              "backend": args.backend, "rows": rows, "loss_rows": losses}
+              "cpu_kernels": kernels, "backend": args.backend, "rows": rows, "loss_rows": losses}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

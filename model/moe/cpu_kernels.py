@@ -3,7 +3,8 @@
 The Python kernels of model/moe/ragged_mm.py issue one mm per expert from Python; the C++ ones run
 the same loop without the interpreter in between (the difference is measured in bench/bench_moe.py,
 docs/performance.md). torch's extension builder compiles the file once per machine (about 20 s
-on 2 cores; needs a C++ compiler and ninja, the same as torch.compile's CPU backend), into
+on 2 cores; needs a C++ compiler, as torch.compile's CPU backend does, and ninja, which the
+`ninja` wheel among the dependencies brings), into
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name that hashes the source,
 torch's version and the flags, so an edited file or another torch builds anew and every later
 process only loads the library.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -63,6 +65,10 @@ def _load() -> None:
         return
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # the ninja wheel's binary sits beside the interpreter's scripts
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build.mkdir(parents=True, exist_ok=True)
     load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
          is_python_module=False)
