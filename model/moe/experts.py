@@ -25,9 +25,10 @@ Compute paths (`model.moe.expert_compute`; docs/performance.md has the measureme
   (`mohge::ragged_mm`, model/moe/ragged_mm.py): gate and up of all local experts in one GEMM op
   into a hidden [S, 2 Fm] whose rows are [gate F | up F | 0 ...], SwiGLU at each group's width
   (`mohge::ragged_swiglu`), down in one op reading each row's first F columns. Offsets stay on the
-  device; the CPU kernel reads them where they live (no device to wait for: 0 host syncs at
-  ep=1); on CUDA Triton kernels run the ops sync-free (model/moe/ragged_triton.py, not yet run on
-  a GPU), so `auto` keeps `grouped` on CUDA until they are measured.
+  device; the CPU kernels (C++, model/moe/ragged_cpu.cpp) read them where they live (no device to
+  wait for: 0 host syncs at ep=1); on CUDA Triton kernels run the ops sync-free
+  (model/moe/ragged_triton.py, not yet run on a GPU), so `auto` keeps `grouped` on CUDA until
+  they are measured.
 """
 
 from __future__ import annotations
