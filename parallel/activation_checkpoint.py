@@ -2,28 +2,32 @@
 
 `full` recomputes the whole block in backward; `selective` recomputes only the attention
 sub-layer (cheap to recompute, large activations). Forwards are patched in place rather than
-wrapped, so parameter names (checkpoint keys, init seeds) do not change. Recomputed forwards run
-with routing statistics switched off, so nothing is counted twice; the MoE auxiliary losses'
-gradients still arrive once, through the recomputed graph.
+wrapped, so parameter names (checkpoint keys, init seeds) do not change. A recomputed forward is
+replayed from the routing statistics it first saw and what it records is dropped
+(`mohge.model.moe.layer.replaying`), so nothing is counted twice and, compiled, it runs the graph
+the forward ran; the MoE auxiliary losses' gradients still arrive once, through the recomputed
+graph.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mohge.model.moe.layer import recording_suspended
+from mohge.model.moe.layer import recorded_state, replaying
 
 
 def _checkpointed(module: nn.Module) -> None:
-    inner = module.forward
-    contexts = partial(lambda m: (nullcontext(), recording_suspended(m)), module)
+    # What the checkpoint runs and recomputes: the module's own forward, or its compiled version
+    # (parallel/compile.py replaces it: the checkpoint stays eager, around the compiled code).
+    module.checkpointed_forward = module.forward
 
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+        state = recorded_state(module)
+        return checkpoint(module.checkpointed_forward, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), replaying(state)), **kwargs)
 
     module.forward = forward
 

@@ -10,6 +10,7 @@ breaks at the dispatch.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mohge.model.moe.layer import MoHGELayer
@@ -21,5 +22,13 @@ def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: 
     """Compiles every block of `model.layers` in place; returns how many."""
     for block in model.layers.values():
         moe = isinstance(getattr(block, "ffn", None), MoHGELayer)
-        block.compile(backend=backend, fullgraph=not (moe and expert_parallel))
+        fullgraph = not (moe and expert_parallel)
+        if hasattr(block, "checkpointed_forward"):  # full activation checkpointing
+            # Compile what the checkpoint runs, not the checkpoint: dynamo refuses the routing
+            # statistics' state changes inside a checkpointed region, and around compiled code the
+            # eager checkpoint recomputes it as it would eager code (recording switched off).
+            block.checkpointed_forward = torch.compile(block.checkpointed_forward, backend=backend,
+                                                       fullgraph=fullgraph)
+        else:
+            block.compile(backend=backend, fullgraph=fullgraph)
     return len(model.layers)

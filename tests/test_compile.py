@@ -39,6 +39,41 @@ def test_moe_layer_compiles_with_fullgraph(mode, top_k, capacity, compute):
     assert layer.stats.pop()["forwards"] == 12  # routing statistics still recorded when compiled
 
 
+def test_compiled_block_under_full_activation_checkpointing_matches_eager():
+    """parallel.activation_checkpoint=full with train.compile: the checkpoint stays eager around
+    the compiled forward, whose recompute replays the graph the forward ran (same saved tensors:
+    the routing statistics it first saw) and records nothing twice. Two forwards, as two
+    micro-batches (the second sees recorded statistics)."""
+    from torch import nn
+
+    from mohge.parallel.activation_checkpoint import apply_activation_checkpointing
+    from mohge.parallel.compile import apply_compile
+
+    def run(checkpointed):
+        model = nn.Module()
+        model.layers = nn.ModuleDict({"0": init_module(MoHGELayer(16, make_moe(), "ragged"), seed=1)})
+        if checkpointed:
+            apply_activation_checkpointing(model, "full")
+            apply_compile(model, backend="aot_eager")
+        outs = []
+        for seed in (2, 3):
+            x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(seed))
+            out = model.layers["0"](x)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        layer = model.layers["0"]
+        return outs, [p.grad for p in layer.parameters()], layer.stats.pop(), layer.balance.pop(x.device)
+
+    (outs, grads, stats, counts), (ref_outs, ref_grads, ref_stats, ref_counts) = run(True), run(False)
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(a, b)
+    assert stats["forwards"] == ref_stats["forwards"] == 2
+    torch.testing.assert_close(stats["tokens_per_expert"], ref_stats["tokens_per_expert"])
+    torch.testing.assert_close(counts, ref_counts)
+    for name in ("group_aux_loss", "intra_group_aux_loss", "z_loss"):
+        assert stats[name] == pytest.approx(ref_stats[name])
+
+
 def test_compile_rejects_the_loop_experts_and_tensor_parallel():
     with pytest.raises(ConfigError, match="model.moe.expert_compute=loop"):
         compose_config("tiny_mohge", ["train.compile=true", "model.moe.expert_compute=loop"])
@@ -49,6 +84,27 @@ def test_compile_rejects_the_loop_experts_and_tensor_parallel():
 def _losses(tmp_path, name, *overrides):
     trainer = Trainer(compose_config("tiny_mohge", [*COMMON, f"out_dir={tmp_path / name}", *overrides]))
     return [trainer.train_step()[0] for _ in range(3)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_compiled_training_with_activation_checkpointing_matches_eager(tmp_path):
+    """mohge-train, 3 steps of 2 micro-batches: compiled blocks (aot_eager) under full activation
+    checkpointing against eager without it: the same losses and the same logged routing metrics
+    (a recompute recording twice would change the group fractions and aux losses)."""
+    import json
+
+    runs = {}
+    for name, overrides in {"eager": [], "compiled": ["train.compile=true", "train.compile_backend=aot_eager",
+                                                      "parallel.activation_checkpoint=full"]}.items():
+        _cli_losses(tmp_path / name, 1, "model.moe.expert_compute=ragged", *overrides)
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [line for line in lines if "loss" in line]
+    assert len(runs["eager"]) == len(runs["compiled"]) == 3
+    for eager, compiled in zip(runs["eager"], runs["compiled"]):
+        for key, value in eager.items():
+            if isinstance(value, float) and not any(t in key for t in ("time", "tok_s", "mfu", "per_s", "_ms")):
+                assert compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow

@@ -58,7 +58,6 @@ def test_active_params_follow_group_traffic():
         ("train.fp8=te", "train.fp8"),
         ("parallel.tp=3 parallel.dp_shard=1", "model.n_heads"),
         ("model.moe.expert_compute=grouped model.moe.groups.0.ffn_hidden_size=12", "model.moe.groups[0].ffn_hidden_size"),
-        ("train.compile=true parallel.activation_checkpoint=full", "train.compile"),
         ("train.compile=true parallel.activation_checkpoint=selective", "train.compile"),
     ],
 )

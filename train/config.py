@@ -156,11 +156,13 @@ class RunConfig:
             raise ConfigError("train.compile=true: not supported with parallel.tp > 1 yet (a DTensor gradient "
                               "leaves the compiled block as a plain tensor); set train.compile=false")
         ac = self.parallel.activation_checkpoint
-        if t.compile and ac != "none" and not (ac == "selective" and t.compile_backend == "eager"):
-            # full: the MoE routing statistics mutate module state inside the checkpoint (dynamo refuses
-            # that side effect); both: aot autograd wants context_fn to return TorchDispatchModes
-            raise ConfigError(f"train.compile=true: not supported with parallel.activation_checkpoint={ac} yet "
-                              "(torch.compile refuses the checkpointed region); set one of them off")
+        if t.compile and ac == "selective" and t.compile_backend != "eager":
+            # The attention's checkpoint sits inside the compiled block, where aot autograd wants its
+            # context_fn (routing statistics off while recomputing) to return TorchDispatchModes.
+            # `full` compiles what the checkpoint runs instead (parallel/compile.py).
+            raise ConfigError("train.compile=true: not supported with parallel.activation_checkpoint=selective "
+                              "yet (torch.compile refuses the checkpointed region); use "
+                              "parallel.activation_checkpoint=full or none")
         if t.compile_backend not in ("inductor", "aot_eager", "eager"):
             raise ConfigError("train.compile_backend: must be one of inductor, aot_eager, eager")
         if t.warmup_steps < 0:

@@ -23,8 +23,8 @@ from mohge.model.moe.router import GroupRouter, Routing, capacity_keep
 class RoutingStats:
     """Per-layer routing statistics summed over the forwards since the last `pop()`.
 
-    Recording is switched off while activation checkpointing recomputes a forward, so nothing is
-    counted twice (see `recording_suspended`).
+    A forward that activation checkpointing recomputes is replayed from the statistics it first
+    saw and what it records is dropped, so nothing is counted twice (see `replaying`).
     """
 
     def __init__(self, num_experts: int):
@@ -186,6 +186,27 @@ def recording_suspended(model: nn.Module):
     finally:
         for layer, was in zip(layers, previous):
             layer.stats.recording = was
+
+
+def recorded_state(model: nn.Module) -> list:
+    """What the MoE layers of `model` have recorded so far (routing statistics, step counts): the
+    tensors are never changed in place, so references are a snapshot."""
+    return [(layer, dict(layer.stats.sums), layer.balance.counts) for _, layer in moe_layers(model)]
+
+
+@contextmanager
+def replaying(state: list):
+    """Runs a forward again as it first ran (activation checkpointing's recompute): the layers see
+    the statistics they had when `state` was taken, so they run the same code (a compiled forward
+    takes the same graph and saves the same tensors), and what the replay records is dropped."""
+    now = [(layer, dict(layer.stats.sums), layer.balance.counts) for layer, _, _ in state]
+    for layer, sums, counts in state:
+        layer.stats.sums, layer.balance.counts = dict(sums), counts
+    try:
+        yield
+    finally:
+        for layer, sums, counts in now:
+            layer.stats.sums, layer.balance.counts = sums, counts
 
 
 def set_group_aux_active(model: nn.Module, active: bool) -> None:
