@@ -7,7 +7,8 @@ on 2 cores; needs a C++ compiler, as torch.compile's CPU backend does, and ninja
 `ninja` wheel among the dependencies brings), into
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name that hashes the source,
 torch's version and the flags, so an edited file or another torch builds anew and every later
-process only loads the library.
+process only loads the library. One line on stderr says when it builds; builds are serialised
+by an OS file lock (several ranks, a build killed by SIGKILL before: the next one takes over).
 
 MOHGE_CPU_KERNELS=python keeps the Python kernels (same results); where the build fails, they
 run after one warning that names the reason.
@@ -15,10 +16,12 @@ run after one warning that names the reason.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -53,14 +56,20 @@ def ops():
     return torch.ops.mohge_cpu
 
 
-def _load() -> None:
+def build_dir() -> Path:
+    """Where the library is built: its name hashes the source, torch's version and the flags."""
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode())
-    name = f"mohge_ragged_cpu_{digest.hexdigest()[:12]}"
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    build = root / name
-    library = build / f"{name}.so"
-    # Built before (and not being built now: torch's builder holds `lock` while it runs): load it.
-    if library.exists() and not (build / "lock").exists():
+    return root / f"mohge_ragged_cpu_{digest.hexdigest()[:12]}"
+
+
+def _load() -> None:
+    build = build_dir()
+    name = build.name
+    library, built = build / f"{name}.so", build / "built"
+    # Built before (`built` is written once the library is complete): load it, no lock taken, so a
+    # read-only cache works.
+    if library.exists() and built.exists():
         torch.ops.load_library(str(library))
         return
     from torch.utils.cpp_extension import load
@@ -70,5 +79,18 @@ def _load() -> None:
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build.mkdir(parents=True, exist_ok=True)
-    load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
-         is_python_module=False)
+    # One builder at a time (the ranks of a run, several runs) under an OS lock, which the kernel
+    # drops when its holder dies, even by SIGKILL. torch's own lock file (`lock`) stays behind after
+    # a killed build and makes every later build wait for it forever: holding ours, any such file
+    # is stale.
+    with open(build / "build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if built.exists():  # another process built it while this one waited
+            torch.ops.load_library(str(library))
+            return
+        (build / "lock").unlink(missing_ok=True)
+        print(f"mohge: building the C++ CPU expert kernels ({SOURCE.name}) into {build} "
+              "(once; about 20-40 s)", file=sys.stderr, flush=True)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
+             is_python_module=False)
+        built.touch()
