@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mohge.model.moe import cpu_kernels
 from mohge.model.moe.ragged_mm import ragged_mm, ragged_swiglu
+from mohge.train.errors import error_line
 
 GROUP_EXPERTS = [2, 0, 3]  # a group without local experts in the middle
 WIDTHS = [8, 16, 24]
@@ -143,8 +144,9 @@ def test_kernel_choice_and_failed_build_fall_back_with_one_warning(kernel, monke
         pytest.skip("one check is enough")
     ops = cpu_kernels.ops.__wrapped__  # uncached
     monkeypatch.setenv("MOHGE_CPU_KERNELS", "fast")
-    with pytest.raises(ValueError, match="MOHGE_CPU_KERNELS='fast': use one of cpp, python"):
+    with pytest.raises(ValueError, match="MOHGE_CPU_KERNELS='fast': use one of cpp, python") as err:
         ops()
+    assert error_line("train", err.value).startswith("mohge-train: usage error: MOHGE_CPU_KERNELS='fast'")
     monkeypatch.setenv("MOHGE_CPU_KERNELS", "python")
     assert ops() is None
 

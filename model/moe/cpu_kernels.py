@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from mohge.train.errors import UsageError
+
 SOURCE = Path(__file__).with_name("ragged_cpu.cpp")
 FLAGS = ["-O3"]
 CHOICES = ("cpp", "python")
@@ -35,7 +37,8 @@ CHOICES = ("cpp", "python")
 def choice() -> str:
     value = os.environ.get("MOHGE_CPU_KERNELS", "cpp")
     if value not in CHOICES:
-        raise ValueError(f"MOHGE_CPU_KERNELS={value!r}: use one of {', '.join(CHOICES)}")
+        # A user error: mohge-train prints it as one line, not a traceback from inside the first step.
+        raise UsageError(f"MOHGE_CPU_KERNELS={value!r}: use one of {', '.join(CHOICES)} (or leave it unset: cpp)")
     return value
 
 
