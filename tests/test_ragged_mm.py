@@ -155,7 +155,7 @@ def test_kernel_choice_and_failed_build_fall_back_with_one_warning(kernel, monke
 
     monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")
     monkeypatch.setattr(cpu_kernels, "_load", no_compiler)
-    with pytest.warns(RuntimeWarning, match=r"could not be built \(Error building extension .*the Python kernels run"):
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(the build failed: c\+\+: not found\); the Python kernels run"):
         assert ops() is None
 
 
@@ -174,3 +174,27 @@ def test_a_build_killed_before_neither_hangs_nor_blocks_the_next(kernel, tmp_pat
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "True", run.stderr
+
+
+@pytest.mark.parametrize("log,cause", [
+    ("[1/2] /nonexistent -MMD -MF ragged_cpu.o.d -O3 -c ragged_cpu.cpp -o ragged_cpu.o\nFAILED: [code=127] ragged_cpu.o \n"
+     "/nonexistent -MMD -MF ragged_cpu.o.d -O3 -c ragged_cpu.cpp -o ragged_cpu.o \n/bin/sh: 1: /nonexistent: not found\n"
+     "ninja: build stopped: subcommand failed.\n", "/bin/sh: 1: /nonexistent: not found"),
+    ("[1/2] c++ -MMD -MF ragged_cpu.o.d -c ragged_cpu.cpp -o ragged_cpu.o\nFAILED: ragged_cpu.o\nc++ -MMD -MF x -c y\n"
+     "ragged_cpu.cpp:12:10: fatal error: ATen/ATen.h: No such file or directory\ncompilation terminated.\n"
+     "ninja: build stopped: subcommand failed.", "ragged_cpu.cpp:12:10: fatal error: ATen/ATen.h: No such file"),
+], ids=["no_compiler", "compile_error"])
+def test_a_failed_build_warns_with_the_compilers_reason_not_its_command(kernel, monkeypatch, log, cause):
+    """torch's error for a failed build starts with the compile command: the warning names the cause."""
+    if kernel == "python":
+        pytest.skip("one check is enough")
+
+    def failed_build():
+        raise RuntimeError(f"Error building extension 'mohge_ragged_cpu_x': {log}")
+
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")
+    monkeypatch.setattr(cpu_kernels, "_load", failed_build)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert cpu_kernels.ops.__wrapped__() is None
+    message = str(caught[0].message)
+    assert cause in message and "-MMD" not in message, message

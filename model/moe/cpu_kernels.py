@@ -51,12 +51,25 @@ def ops():
     try:
         _load()
     except Exception as err:  # no compiler, no ninja, a read-only cache...: the Python loop still works
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = _reason(err)
         warnings.warn(f"mohge: the C++ CPU expert kernels ({SOURCE.name}) could not be built ({reason}); "
                       "the Python kernels run instead (same results, slower). MOHGE_CPU_KERNELS=python "
                       "selects them without trying.", RuntimeWarning, stacklevel=2)
         return None
     return torch.ops.mohge_cpu
+
+
+def _reason(err: Exception) -> str:
+    """Why the build failed, in one line. torch's message for a failed ninja build starts with the
+    whole compile command; the compiler's (or the shell's) error line further down says why."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if not lines[0].startswith("Error building extension") or len(lines) == 1:
+        return lines[0][:300]
+    log = [line for line in lines[1:] if not line.startswith(("[", "FAILED:", "ninja:")) and " -MMD " not in line]
+    cause = next((line for line in log if "error" in line.lower() or "not found" in line), log[0] if log else "")
+    return f"the build failed: {cause[:300]}" if cause else lines[0][:300]
 
 
 def build_dir() -> Path:
@@ -80,7 +93,8 @@ def _load() -> None:
     if shutil.which("ninja") is None:  # the ninja wheel's binary sits beside the interpreter's scripts
         import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        if ninja.BIN_DIR:  # "" where the wheel's binary is not found either: torch's check names it
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build.mkdir(parents=True, exist_ok=True)
     # One builder at a time (the ranks of a run, several runs) under an OS lock, which the kernel
     # drops when its holder dies, even by SIGKILL. torch's own lock file (`lock`) stays behind after
