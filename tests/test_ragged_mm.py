@@ -198,3 +198,20 @@ def test_a_failed_build_warns_with_the_compilers_reason_not_its_command(kernel, 
         assert cpu_kernels.ops.__wrapped__() is None
     message = str(caught[0].message)
     assert cause in message and "-MMD" not in message, message
+
+
+@pytest.mark.parametrize("widths,experts", [([8, 16, 24, 24], [2, 0, 3]), ([], [])], ids=["one_width_too_many", "none"])
+def test_swiglu_widths_that_do_not_match_the_groups_are_refused(widths, experts):
+    """The C++ loop indexes the groups' rows by width: one width too many read past them."""
+    offs = torch.tensor([1, 1, 3, 4, 4])
+    h = torch.randn(4, 48)
+    with pytest.raises(ValueError, match=f"ragged_swiglu: {len(widths)} widths for {len(experts)} groups"):
+        torch.ops.mohge.ragged_swiglu(h, offs, widths, experts)
+    with pytest.raises(ValueError, match=f"ragged_swiglu: {len(widths)} widths for {len(experts)} groups"):
+        torch.ops.mohge.ragged_swiglu_backward(torch.randn(4, 24), h, offs, widths, experts)
+
+
+def test_float_offsets_are_refused():
+    """The C++ kernels used to truncate float offsets to ints and run."""
+    with pytest.raises((ValueError, TypeError)):
+        ragged_mm(torch.randn(4, D), _weights(torch.float32), torch.tensor([1.0, 1.0, 3.0, 4.0, 4.0]), 2 * max(WIDTHS))
