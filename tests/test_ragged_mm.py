@@ -5,6 +5,7 @@ each with both CPU kernels: the C++ loop (model/moe/ragged_cpu.cpp) and the Pyth
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -215,3 +216,12 @@ def test_float_offsets_are_refused():
     """The C++ kernels used to truncate float offsets to ints and run."""
     with pytest.raises((ValueError, TypeError)):
         ragged_mm(torch.randn(4, D), _weights(torch.float32), torch.tensor([1.0, 1.0, 3.0, 4.0, 4.0]), 2 * max(WIDTHS))
+
+
+def test_each_architecture_builds_its_own_library(monkeypatch):
+    """A home directory shared by x86 and aarch64 nodes: one would load the other's library, fail,
+    and fall back to the Python loop for good."""
+    here = cpu_kernels.build_dir()
+    other = "not-" + platform.machine()
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: other)
+    assert cpu_kernels.build_dir() != here

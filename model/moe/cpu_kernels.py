@@ -6,8 +6,8 @@ docs/performance.md). torch's extension builder compiles the file once per machi
 on 2 cores; needs a C++ compiler, as torch.compile's CPU backend does, and ninja, which the
 `ninja` wheel among the dependencies brings), into
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name that hashes the source,
-torch's version and the flags, so an edited file or another torch builds anew and every later
-process only loads the library. One line on stderr says when it builds; builds are serialised
+torch's version, the flags and the architecture, so an edited file or another torch builds
+anew and every later process only loads the library. One line on stderr says when it builds; builds are serialised
 by an OS file lock (several ranks, a build killed by SIGKILL before: the next one takes over).
 
 MOHGE_CPU_KERNELS=python keeps the Python kernels (same results); where the build fails, they
@@ -20,6 +20,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import warnings
@@ -73,8 +74,11 @@ def _reason(err: Exception) -> str:
 
 
 def build_dir() -> Path:
-    """Where the library is built: its name hashes the source, torch's version and the flags."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode())
+    """Where the library is built: its name hashes the source, torch's version, the flags and the
+    machine's architecture (a home directory shared by x86 and aarch64 nodes, whose torch can have
+    one version string)."""
+    key = f"{torch.__version__} {' '.join(FLAGS)} {platform.machine()} {sys.platform}".encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + key)
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return root / f"mohge_ragged_cpu_{digest.hexdigest()[:12]}"
 
