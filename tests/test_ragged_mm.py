@@ -225,3 +225,38 @@ def test_each_architecture_builds_its_own_library(monkeypatch):
     other = "not-" + platform.machine()
     monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: other)
     assert cpu_kernels.build_dir() != here
+
+
+def test_a_build_that_failed_while_others_waited_is_not_retried_by_them(kernel, tmp_path, monkeypatch):
+    """The ranks of a run wait for one builder: when its build fails, they take its reason instead
+    of each failing again in turn (8 ranks: 8 serial builds)."""
+    if kernel == "python":
+        pytest.skip("one check is enough")
+    import threading
+    import time
+    import torch.utils.cpp_extension
+
+    builds = []
+
+    def failing_build(**kwargs):
+        builds.append(kwargs["name"])
+        time.sleep(2.0)  # the other ranks are waiting by then
+        raise RuntimeError(f"Error building extension '{kwargs['name']}': [1/2] c++ -MMD x\n/bin/sh: 1: c++: not found")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
+    errors = []
+
+    def rank():
+        try:
+            cpu_kernels._load()
+        except RuntimeError as err:
+            errors.append(cpu_kernels._reason(err))
+
+    ranks = [threading.Thread(target=rank) for _ in range(3)]  # flock: each open() is its own lock holder
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join(timeout=60)
+    assert len(builds) == 1
+    assert errors == ["the build failed: /bin/sh: 1: c++: not found"] * 3

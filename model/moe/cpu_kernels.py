@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -104,14 +105,23 @@ def _load() -> None:
     # drops when its holder dies, even by SIGKILL. torch's own lock file (`lock`) stays behind after
     # a killed build and makes every later build wait for it forever: holding ours, any such file
     # is stale.
+    # A build that failed while this process waited (another rank's) is not tried again: the ranks
+    # of a run would otherwise each fail in turn; a later run tries anew.
+    failed, waiting_since = build / "failed", time.time()
     with open(build / "build.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         if built.exists():  # another process built it while this one waited
             torch.ops.load_library(str(library))
             return
+        if failed.exists() and failed.stat().st_mtime >= waiting_since:
+            raise RuntimeError(failed.read_text())
         (build / "lock").unlink(missing_ok=True)
         print(f"mohge: building the C++ CPU expert kernels ({SOURCE.name}) into {build} "
               "(once; about 20-40 s)", file=sys.stderr, flush=True)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
-             is_python_module=False)
+        try:
+            load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
+                 is_python_module=False)
+        except Exception as err:
+            failed.write_text(_reason(err))
+            raise
         built.touch()
