@@ -261,6 +261,13 @@ def test_a_build_that_failed_while_others_waited_is_not_retried_by_them(kernel, 
     assert len(builds) == 1
     assert errors == ["the build failed: /bin/sh: 1: c++: not found"] * 3
 
+    # Where the failure cannot be recorded, the reason is still the build's.
+    shutil.rmtree(tmp_path / cpu_kernels.build_dir().name)
+    (cpu_kernels.build_dir() / "failed").mkdir(parents=True)
+    errors.clear()
+    rank()
+    assert errors == ["the build failed: /bin/sh: 1: c++: not found"]
+
 
 @pytest.mark.parametrize("case", ["bf16", "strided_x", "int64_offs", "all_rows_to_one_expert", "odd_widths"])
 def test_cpp_and_python_kernels_agree_bit_for_bit(kernel, monkeypatch, case):

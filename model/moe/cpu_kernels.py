@@ -16,6 +16,7 @@ run after one warning that names the reason.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -122,6 +123,7 @@ def _load() -> None:
             load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
                  is_python_module=False)
         except Exception as err:
-            failed.write_text(_reason(err))
+            with contextlib.suppress(OSError):  # the warning names the build's reason, not this one's
+                failed.write_text(_reason(err))
             raise
         built.touch()
