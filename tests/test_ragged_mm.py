@@ -295,3 +295,19 @@ def test_cpp_and_python_kernels_agree_bit_for_bit(kernel, monkeypatch, case):
     monkeypatch.setattr(cpu_kernels, "ops", lambda: None)
     for a, b in zip(cpp, run()):
         assert torch.equal(a, b)
+
+
+def test_mohge_train_refuses_an_invalid_kernel_choice_before_training(kernel, monkeypatch, tmp_path, capsys):
+    """Not only when the first CPU expert op runs (never, on a GPU run)."""
+    if kernel == "python":
+        pytest.skip("one check is enough")
+    import mohge.train.trainer
+    from mohge.train import cli
+
+    def train(cfg):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(mohge.train.trainer, "train", train)
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "fast")
+    assert cli.main(["--config-name", "tiny_mohge", f"out_dir={tmp_path}"]) == 2
+    assert "mohge-train: usage error: MOHGE_CPU_KERNELS='fast'" in capsys.readouterr().err
