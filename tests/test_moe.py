@@ -98,6 +98,24 @@ def test_z_loss_matches_a_loop_over_groups_with_grads(offsets):
     torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(expected, logits)[0])
 
 
+def test_z_loss_makes_no_tensor_from_host_data():
+    """An index tensor built from Python lists is copied to the device on every call: on CUDA a
+    copy that waits for the device, in every MoE layer's forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(5, 12, requires_grad=True)
+    with Record() as record:
+        router_z_loss(logits, [0, 2, 7, 12]).backward()
+    assert torch.ops.aten.lift_fresh.default not in record.ops
+
+
 def test_group_width_weights():
     moe = make_moe(group_aux_width_interval=16)
     assert moe.width_weights() == [1.0, 1.5, 2.0]

@@ -89,6 +89,9 @@ def _main(args: argparse.Namespace) -> int:
     from mohge.train.trainer import train
 
     check_out_dir(cfg.out_dir)
+    from mohge.model.moe import cpu_kernels
+
+    cpu_kernels.choice()  # MOHGE_CPU_KERNELS: refused before the model is built, on any device
     try:
         train(cfg)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop took over (train/preemption.py)

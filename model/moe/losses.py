@@ -103,17 +103,15 @@ def router_z_loss(expert_logits_TE: torch.Tensor, offsets: Sequence[int]) -> tor
     """Mean over tokens and groups of logsumexp(expert logits in the group)^2 (ST-MoE's z-loss).
 
     No loop over groups: groups of one size are a view [T, G, N]; groups of several sizes are
-    padded to the largest with -inf, which adds nothing to a logsumexp."""
+    padded to the largest with -inf, which adds nothing to a logsumexp, by one pad_sequence of
+    views (no index tensor made from host data: on CUDA that copy waits for the device)."""
     logits_TE = _at_least_fp32(expert_logits_TE)
     T, sizes = logits_TE.shape[0], [end - start for start, end in zip(offsets[:-1], offsets[1:])]
     if len(set(sizes)) == 1:
-        logits_TGN = logits_TE.reshape(T, len(sizes), sizes[0])
-    else:
-        E, N = offsets[-1], max(sizes)
-        members_GN = torch.tensor([[start + i if i < n else E for i in range(N)] for start, n in zip(offsets, sizes)],
-                                  device=logits_TE.device)
-        logits_TGN = torch.cat([logits_TE, logits_TE.new_full((T, 1), float("-inf"))], dim=-1)[:, members_GN]
-    return logits_TGN.logsumexp(-1).square().mean()
+        return logits_TE.reshape(T, len(sizes), sizes[0]).logsumexp(-1).square().mean()
+    members = [logits_TE[:, start:end].t() for start, end in zip(offsets[:-1], offsets[1:])]  # views [n, T]
+    logits_GNT = torch.nn.utils.rnn.pad_sequence(members, batch_first=True, padding_value=float("-inf"))
+    return logits_GNT.logsumexp(1).square().mean()
 
 
 class AttachAuxLoss(torch.autograd.Function):

@@ -19,7 +19,8 @@ namespace {
 
 // The experts' row ends as host ints, checked against the weights and the rows of x.
 std::vector<int64_t> expert_ends(const at::Tensor& offs, int64_t experts, int64_t rows) {
-  TORCH_CHECK_VALUE(offs.device().is_cpu() && offs.dim() == 1, "ragged_mm: offs must be a 1-D CPU tensor");
+  TORCH_CHECK_VALUE(offs.device().is_cpu() && offs.dim() == 1 && !at::isFloatingType(offs.scalar_type()),
+                    "ragged_mm: offs must be a 1-D integer CPU tensor");
   const auto ends_t = offs.to(at::kLong).contiguous();
   const int64_t* p = ends_t.data_ptr<int64_t>();
   std::vector<int64_t> ends(p, p + ends_t.numel());
@@ -38,8 +39,12 @@ int64_t total_experts(at::TensorList ws) {
   return n;
 }
 
-// First row of every group and S, from the experts' row ends and the groups' local expert counts.
-std::vector<int64_t> group_rows(const at::Tensor& offs, at::IntArrayRef experts, int64_t rows) {
+// First row of every group and S, from the experts' row ends and the groups' local expert counts
+// (one per width: the loops below index the result by group).
+std::vector<int64_t> group_rows(const at::Tensor& offs, at::IntArrayRef widths, at::IntArrayRef experts,
+                                int64_t rows) {
+  TORCH_CHECK_VALUE(!widths.empty() && widths.size() == experts.size(), "ragged_swiglu: ", widths.size(),
+                    " widths for ", experts.size(), " groups");
   int64_t total = 0;
   for (auto n : experts) total += n;
   const auto ends = expert_ends(offs, total, rows);
@@ -98,8 +103,8 @@ std::vector<at::Tensor> ragged_mm_wgrad(const at::Tensor& x, const at::Tensor& g
 // silu(gate) * up at each group's width F from h's rows [gate F | up F | ...] -> [S, Fm], zero after F.
 at::Tensor ragged_swiglu(const at::Tensor& h, const at::Tensor& offs, at::IntArrayRef widths,
                          at::IntArrayRef experts) {
+  const auto rows = group_rows(offs, widths, experts, h.size(0));
   const int64_t fm = *std::max_element(widths.begin(), widths.end());
-  const auto rows = group_rows(offs, experts, h.size(0));
   auto out = at::empty({h.size(0), fm}, h.options());
   for (size_t g = 0; g < widths.size(); ++g) {
     const int64_t lo = rows[g], hi = rows[g + 1], f = widths[g];
@@ -116,7 +121,7 @@ at::Tensor ragged_swiglu(const at::Tensor& h, const at::Tensor& offs, at::IntArr
 // [d gate | d up | 0 ...] per row, in h's layout.
 at::Tensor ragged_swiglu_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& offs,
                                   at::IntArrayRef widths, at::IntArrayRef experts) {
-  const auto rows = group_rows(offs, experts, h.size(0));
+  const auto rows = group_rows(offs, widths, experts, h.size(0));
   const int64_t cols = h.size(1);
   auto out = at::empty_like(h, at::MemoryFormat::Contiguous);
   for (size_t g = 0; g < widths.size(); ++g) {

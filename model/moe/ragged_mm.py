@@ -174,6 +174,11 @@ def _backward(ctx, grad):
 ragged_mm.register_autograd(_backward, setup_context=_setup)
 
 
+def _check_groups(widths: list[int], experts: list[int]) -> None:
+    if not widths or len(widths) != len(experts):
+        raise ValueError(f"ragged_swiglu: {len(widths)} widths for {len(experts)} groups")
+
+
 def _group_rows(ends: list[int], experts: list[int]) -> list[int]:
     """First row of every group and S, from the experts' row ends (host ints) and the groups'
     local expert counts."""
@@ -190,6 +195,7 @@ def ragged_swiglu(h: torch.Tensor, offs: torch.Tensor, widths: list[int], expert
     after F. `widths`/`experts`: each group's width and local expert count."""
     if (native := _native(h, offs)) is not None:
         return native.ragged_swiglu(h, offs, widths, experts)
+    _check_groups(widths, experts)
     fm = max(widths)
     if all(f == fm for f, n in zip(widths, experts) if n):  # every row at full width
         return F.silu(h[:, :fm]) * h[:, fm : 2 * fm]
@@ -214,6 +220,7 @@ def ragged_swiglu_backward(grad: torch.Tensor, h: torch.Tensor, offs: torch.Tens
     """[d gate | d up | 0 ...] per row, in h's layout."""
     if (native := _native(grad, h, offs)) is not None:
         return native.ragged_swiglu_backward(grad, h, offs, widths, experts)
+    _check_groups(widths, experts)
     out = h.new_empty(h.shape)
     rows = _group_rows(read_on_host(offs), experts)
     for g, f in enumerate(widths):
