@@ -154,10 +154,14 @@ def test_kernel_choice_and_failed_build_fall_back_with_one_warning(kernel, monke
     def no_compiler():
         raise RuntimeError("Error building extension 'mohge_ragged_cpu_x'\nc++: not found")
 
-    monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")
+    monkeypatch.delenv("MOHGE_CPU_KERNELS")  # the default: fall back after one warning
     monkeypatch.setattr(cpu_kernels, "_load", no_compiler)
     with pytest.warns(RuntimeWarning, match=r"could not be built \(the build failed: c\+\+: not found\); the Python kernels run"):
         assert ops() is None
+    monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")  # asked for by name: an error, not something else
+    with pytest.raises(ValueError, match=r"MOHGE_CPU_KERNELS=cpp: the C\+\+ CPU expert kernels could not be built "
+                                         r"\(the build failed: c\+\+: not found\); install a C\+\+ compiler"):
+        ops()
 
 
 def test_a_build_killed_before_neither_hangs_nor_blocks_the_next(kernel, tmp_path):
@@ -193,7 +197,7 @@ def test_a_failed_build_warns_with_the_compilers_reason_not_its_command(kernel, 
     def failed_build():
         raise RuntimeError(f"Error building extension 'mohge_ragged_cpu_x': {log}")
 
-    monkeypatch.setenv("MOHGE_CPU_KERNELS", "cpp")
+    monkeypatch.delenv("MOHGE_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_load", failed_build)
     with pytest.warns(RuntimeWarning) as caught:
         assert cpu_kernels.ops.__wrapped__() is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mohge.train.errors import ConfigError, Interrupted, UsageError, hide_megatron_notices, run_tool
@@ -92,6 +93,8 @@ def _main(args: argparse.Namespace) -> int:
     from mohge.model.moe import cpu_kernels
 
     cpu_kernels.choice()  # MOHGE_CPU_KERNELS: refused before the model is built, on any device
+    if os.environ.get("MOHGE_CPU_KERNELS") == "cpp":  # asked for by name: a failed build stops here
+        cpu_kernels.ops()
     try:
         train(cfg)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop took over (train/preemption.py)

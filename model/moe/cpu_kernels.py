@@ -2,7 +2,7 @@
 
 The Python kernels of model/moe/ragged_mm.py issue one mm per expert from Python; the C++ ones run
 the same loop without the interpreter in between (the difference is measured in bench/bench_moe.py,
-docs/performance.md). torch's extension builder compiles the file once per machine (about 20 s
+docs/performance.md). torch's extension builder compiles the file once per machine (20-45 s
 on 2 cores; needs a C++ compiler, as torch.compile's CPU backend does, and ninja, which the
 `ninja` wheel among the dependencies brings), into
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name that hashes the source,
@@ -11,13 +11,13 @@ anew and every later process only loads the library. One line on stderr says whe
 by an OS file lock (several ranks, a build killed by SIGKILL before: the next one takes over).
 
 MOHGE_CPU_KERNELS=python keeps the Python kernels (same results); where the build fails, they
-run after one warning that names the reason.
+run after one warning that names the reason (unless MOHGE_CPU_KERNELS=cpp asked for the C++ ones
+by name: then the failure is an error; mohge-train builds them before the model then).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -55,6 +55,10 @@ def ops():
         _load()
     except Exception as err:  # no compiler, no ninja, a read-only cache...: the Python loop still works
         reason = _reason(err)
+        if os.environ.get("MOHGE_CPU_KERNELS") == "cpp":  # asked for by name: not silently something else
+            raise UsageError(f"MOHGE_CPU_KERNELS=cpp: the C++ CPU expert kernels could not be built ({reason}); "
+                             "install a C++ compiler, or unset MOHGE_CPU_KERNELS to run the Python kernels "
+                             "after a warning") from err
         warnings.warn(f"mohge: the C++ CPU expert kernels ({SOURCE.name}) could not be built ({reason}); "
                       "the Python kernels run instead (same results, slower). MOHGE_CPU_KERNELS=python "
                       "selects them without trying.", RuntimeWarning, stacklevel=2)
@@ -110,6 +114,8 @@ def _load() -> None:
     # of a run would otherwise each fail in turn; a later run tries anew.
     failed, waiting_since = build / "failed", time.time()
     with open(build / "build.lock", "a") as held:
+        import fcntl  # POSIX; elsewhere the import fails and the Python kernels run after the warning
+
         fcntl.flock(held, fcntl.LOCK_EX)
         if built.exists():  # another process built it while this one waited
             torch.ops.load_library(str(library))
@@ -118,7 +124,7 @@ def _load() -> None:
             raise RuntimeError(failed.read_text())
         (build / "lock").unlink(missing_ok=True)
         print(f"mohge: building the C++ CPU expert kernels ({SOURCE.name}) into {build} "
-              "(once; about 20-40 s)", file=sys.stderr, flush=True)
+              "(once; 20-45 s)", file=sys.stderr, flush=True)
         try:
             load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
                  is_python_module=False)
