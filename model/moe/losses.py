@@ -9,7 +9,6 @@ from typing import Sequence
 
 import torch
 
-from mohge.model.moe.dispatch import count_per_expert
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
