@@ -10,7 +10,6 @@ from typing import Sequence
 import torch
 
 
-
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
