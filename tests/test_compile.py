@@ -157,8 +157,9 @@ def _cli_losses(out_dir, nproc: int, *overrides) -> list[float]:
 @pytest.mark.multirank
 @pytest.mark.timeout(3000)
 @pytest.mark.parametrize("layout", [["parallel.dp_shard=2"], ["parallel.dp_shard=2", "parallel.ep=2"],
-                                    ["parallel.dp_shard=2", "model.moe.expert_compute=ragged"]],
-                         ids=["fsdp2", "ep2", "fsdp2-ragged"])
+                                    ["parallel.dp_shard=2", "model.moe.expert_compute=ragged"],
+                                    ["parallel.pp=2", "parallel.dp_shard=1"]],
+                         ids=["fsdp2", "ep2", "fsdp2-ragged", "pp2"])
 def test_compiled_layouts_match_eager_single_process(tmp_path, layout):
     """Compiled blocks (aot_eager: dynamo + AOTAutograd through FSDP2 / DTensor / the EP
     all-to-all; inductor's numerics are checked single-process above) give the eager
