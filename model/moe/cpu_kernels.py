@@ -4,11 +4,11 @@ The Python kernels of model/moe/ragged_mm.py issue one mm per expert from Python
 the same loop without the interpreter in between (the difference is measured in bench/bench_moe.py,
 docs/performance.md). torch's extension builder compiles the file once per machine (20-45 s
 on 2 cores; needs a C++ compiler, as torch.compile's CPU backend does, and ninja, which the
-`ninja` wheel among the dependencies brings), into
-$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) under a name that hashes the source,
-torch's version, the flags and the architecture, so an edited file or another torch builds
-anew and every later process only loads the library. One line on stderr says when it builds; builds are serialised
-by an OS file lock (several ranks, a build killed by SIGKILL before: the next one takes over).
+`ninja` wheel among the dependencies brings), into $TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions) under a name that hashes the source, torch's version, the flags and
+the architecture, so an edited file or another torch builds anew and every later process only
+loads the library. One line on stderr says when it builds; builds are serialised by an OS file
+lock (several ranks, a build killed by SIGKILL before: the next one takes over).
 
 MOHGE_CPU_KERNELS=python keeps the Python kernels (same results); where the build fails, they
 run after one warning that names the reason (unless MOHGE_CPU_KERNELS=cpp asked for the C++ ones
