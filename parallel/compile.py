@@ -26,7 +26,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: 
         if hasattr(block, "checkpointed_forward"):  # full activation checkpointing
             # Compile what the checkpoint runs, not the checkpoint: dynamo refuses the routing
             # statistics' state changes inside a checkpointed region, and around compiled code the
-            # eager checkpoint recomputes it as it would eager code (recording switched off).
+            # eager checkpoint recomputes it as it would eager code (replaying the statistics the
+            # forward saw, so the recompute takes the forward's graph).
             block.checkpointed_forward = torch.compile(block.checkpointed_forward, backend=backend,
                                                        fullgraph=fullgraph)
         else:

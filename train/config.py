@@ -158,7 +158,7 @@ class RunConfig:
         ac = self.parallel.activation_checkpoint
         if t.compile and ac == "selective" and t.compile_backend != "eager":
             # The attention's checkpoint sits inside the compiled block, where aot autograd wants its
-            # context_fn (routing statistics off while recomputing) to return TorchDispatchModes.
+            # context_fn (the routing statistics' replay while recomputing) to return TorchDispatchModes.
             # `full` compiles what the checkpoint runs instead (parallel/compile.py).
             raise ConfigError("train.compile=true: not supported with parallel.activation_checkpoint=selective "
                               "yet (torch.compile refuses the checkpointed region); use "

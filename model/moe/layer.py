@@ -188,10 +188,14 @@ def recording_suspended(model: nn.Module):
             layer.stats.recording = was
 
 
+def _snapshot(layers) -> list:
+    return [(layer, dict(layer.stats.sums), layer.balance.counts) for layer in layers]
+
+
 def recorded_state(model: nn.Module) -> list:
     """What the MoE layers of `model` have recorded so far (routing statistics, step counts): the
     tensors are never changed in place, so references are a snapshot."""
-    return [(layer, dict(layer.stats.sums), layer.balance.counts) for _, layer in moe_layers(model)]
+    return _snapshot(layer for _, layer in moe_layers(model))
 
 
 @contextmanager
@@ -199,7 +203,7 @@ def replaying(state: list):
     """Runs a forward again as it first ran (activation checkpointing's recompute): the layers see
     the statistics they had when `state` was taken, so they run the same code (a compiled forward
     takes the same graph and saves the same tensors), and what the replay records is dropped."""
-    now = [(layer, dict(layer.stats.sums), layer.balance.counts) for layer, _, _ in state]
+    now = _snapshot(layer for layer, _, _ in state)
     for layer, sums, counts in state:
         layer.stats.sums, layer.balance.counts = dict(sums), counts
     try:
