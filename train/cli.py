@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from mohge.train.errors import ConfigError, Interrupted, UsageError, hide_megatron_notices, run_tool
@@ -92,9 +91,7 @@ def _main(args: argparse.Namespace) -> int:
     check_out_dir(cfg.out_dir)
     from mohge.model.moe import cpu_kernels
 
-    cpu_kernels.choice()  # MOHGE_CPU_KERNELS: refused before the model is built, on any device
-    if os.environ.get("MOHGE_CPU_KERNELS") == "cpp":  # asked for by name: a failed build stops here
-        cpu_kernels.ops()
+    cpu_kernels.check()  # MOHGE_CPU_KERNELS, before the model is built, on any device
     try:
         train(cfg)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop took over (train/preemption.py)

@@ -45,6 +45,17 @@ def choice() -> str:
     return value
 
 
+def check() -> None:
+    """At a tool's start: refuses a bad MOHGE_CPU_KERNELS, and builds the C++ kernels when they were
+    asked for by name (a failed build stops the tool there, before any model is built)."""
+    if choice() == "cpp" and _named():
+        ops()
+
+
+def _named() -> bool:
+    return os.environ.get("MOHGE_CPU_KERNELS") == "cpp"
+
+
 @functools.cache
 def ops():
     """torch.ops.mohge_cpu (ragged_mm, ragged_mm_wgrad, ragged_swiglu, ragged_swiglu_backward), or
@@ -55,7 +66,7 @@ def ops():
         _load()
     except Exception as err:  # no compiler, no ninja, a read-only cache...: the Python loop still works
         reason = _reason(err)
-        if os.environ.get("MOHGE_CPU_KERNELS") == "cpp":  # asked for by name: not silently something else
+        if _named():  # asked for by name: not silently something else
             raise UsageError(f"MOHGE_CPU_KERNELS=cpp: the C++ CPU expert kernels could not be built ({reason}); "
                              "install a C++ compiler, or unset MOHGE_CPU_KERNELS to run the Python kernels "
                              "after a warning") from err
