@@ -5,7 +5,15 @@ Each block is compiled in place (`Module.compile`), so parameter names, checkpoi
 initial values do not change. Blocks compile with fullgraph=True: a graph break (a host sync, a
 data-dependent shape) is an error, not a silent slowdown. The one exception is an MoE block under
 expert parallel, whose all-to-all needs its split sizes on the host: it compiles with graph
-breaks at the dispatch.
+breaks at the dispatch. Under context parallel with `cp_comm=ring` every block breaks its graph
+around the ring attention (dynamo cannot trace its batched p2p sends); `cp_comm=all_gather`
+compiles whole.
+
+Under tensor parallel the first block's input is the embedding's `DTensor.to_local()`, a view of
+the DTensor's local tensor. AOTAutograd (torch 2.13) hands the gradient of a compiled module's
+view input straight to the DTensor redistribute behind the view, skipping the view's own backward,
+which fails (`'Tensor' object has no attribute '_local_tensor'`). The embedding's output is
+therefore copied out of the view: one [batch, sequence / tp, d_model] copy per forward.
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ from mohge.model.moe.layer import MoHGELayer
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: bool = False) -> int:
+def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: bool = False,
+                  tensor_parallel: bool = False, ring_attention: bool = False) -> int:
     """Compiles every block of `model.layers` in place; returns how many."""
+    if tensor_parallel and model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_hook(_copy_out_of_view)
     for block in model.layers.values():
         moe = isinstance(getattr(block, "ffn", None), MoHGELayer)
-        fullgraph = not (moe and expert_parallel)
+        fullgraph = not ((moe and expert_parallel) or ring_attention)
         if hasattr(block, "checkpointed_forward"):  # full activation checkpointing
             # Compile what the checkpoint runs, not the checkpoint: dynamo refuses the routing
             # statistics' state changes inside a checkpointed region, and around compiled code the
@@ -33,3 +44,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: 
         else:
             block.compile(backend=backend, fullgraph=fullgraph)
     return len(model.layers)
+
+
+def _copy_out_of_view(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: `output` as a tensor of its own (see the module docstring)."""
+    return output.clone() if output._is_view() else output

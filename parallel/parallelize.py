@@ -88,7 +88,8 @@ def parallelize_model(model: nn.Module, ctx: ParallelContext, cfg) -> nn.Module:
     if cfg.train.compile:
         from mohge.parallel.compile import apply_compile
 
-        apply_compile(model, cfg.train.compile_backend, expert_parallel=dims.ep > 1)
+        apply_compile(model, cfg.train.compile_backend, expert_parallel=dims.ep > 1, tensor_parallel=dims.tp > 1,
+                      ring_attention=cfg.parallel.cp > 1 and cfg.parallel.cp_comm == "ring")
     if dims.pp > 1:
         from mohge.parallel.pipeline import build_stages
 

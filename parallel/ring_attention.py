@@ -219,6 +219,7 @@ def _ring_backward(ctx, dout_BHSV):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+@torch.compiler.disable  # dynamo cannot trace batched p2p ops: a compiled block breaks its graph here
 def ring_attention(q_BHSK, k_BHSK, v_BHSV, scale: float, group) -> torch.Tensor:
     """Causal attention of this rank's (load-balanced) queries over the whole sequence of the cp
     group, the key/value blocks travelling around the ring."""

@@ -152,9 +152,6 @@ class RunConfig:
         if t.loss_chunk_tokens and (self.parallel.tp > 1 or self.parallel.pp > 1):
             raise ConfigError("train.loss_chunk_tokens: not supported with parallel.tp > 1 or parallel.pp > 1 yet; "
                               "set it to 0")
-        if t.compile and self.parallel.tp > 1:
-            raise ConfigError("train.compile=true: not supported with parallel.tp > 1 yet (a DTensor gradient "
-                              "leaves the compiled block as a plain tensor); set train.compile=false")
         ac = self.parallel.activation_checkpoint
         if t.compile and ac == "selective" and t.compile_backend != "eager":
             # The attention's checkpoint sits inside the compiled block, where aot autograd wants its
