@@ -81,6 +81,14 @@ def test_compile_rejects_the_loop_experts():
         compose_config("tiny_mohge", ["train.compile=true", "model.moe.expert_compute=loop"])
 
 
+def test_start_line_says_the_blocks_compile(tmp_path, capsys):
+    """The first step's time includes compilation: the start-up line says so."""
+    Trainer(compose_config("tiny_mohge", [*COMMON, f"out_dir={tmp_path / 'c'}", "train.compile=true"]))
+    assert "blocks compiled (inductor; the first step compiles them)" in capsys.readouterr().out
+    Trainer(compose_config("tiny_mohge", [*COMMON, f"out_dir={tmp_path / 'e'}"]))
+    assert "compiled" not in capsys.readouterr().out
+
+
 def _tp_grads(rank, world, compile_blocks: bool):
     """Loss and full-size gradients of tiny_mohge (qk-norm: a gradient all-reduce inside each
     block) after one forward/backward under tp=world with sequence parallel, blocks compiled

@@ -202,6 +202,7 @@ class Trainer:
             f"mohge: {cfg.model.num_params() / 1e6:.2f}M params, "
             f"{cfg.model.active_params_per_token() / 1e6:.2f}M active/token, world {d.world_size} "
             f"(dp {d.dp}, ep {d.ep}, tp {d.tp}, pp {d.pp}), device {self.device}, {self.n_micro} micro-batch(es)/step"
+            + (f", blocks compiled ({cfg.train.compile_backend}; the first step compiles them)" if cfg.train.compile else "")
         )
 
     def _print(self, message: str) -> None:
