@@ -24,7 +24,8 @@ def needed_bytes(rank: dict, mode: str) -> int:
 
 def candidates(cfg, world: int):
     """Layouts of `world` processes: tp and pp powers of two that divide the heads and layers,
-    dp_shard the rest, ep any divisor of dp_shard (and of the expert count), each with every
+    dp_shard the rest, ep any divisor of dp_shard (and of the expert count) and, with tp > 1 in an
+    MoE model, folded layouts (ep > 1 over tp x dp_shard ranks), each with every
     activation-checkpointing mode."""
     m = cfg.model
     num_experts = m.moe.num_experts if m.ffn_type == "mohge" else 1
@@ -35,9 +36,12 @@ def candidates(cfg, world: int):
             if (world // tp) % pp or pp > m.n_layers:
                 continue
             dp = world // (tp * pp)
-            for ep in (e for e in range(1, dp + 1) if dp % e == 0 and num_experts % e == 0):
+            layouts = [(ep, False) for ep in range(1, dp + 1) if dp % ep == 0 and num_experts % ep == 0]
+            if tp > 1 and num_experts > 1:
+                layouts += [(ep, True) for ep in range(2, dp * tp + 1) if dp * tp % ep == 0 and num_experts % ep == 0]
+            for ep, fold in layouts:
                 for mode in ACTIVATION_CHECKPOINT:
-                    yield ParallelConfig(dp_shard=dp, tp=tp, pp=pp, ep=ep, activation_checkpoint=mode)
+                    yield ParallelConfig(dp_shard=dp, tp=tp, pp=pp, ep=ep, moe_fold=fold, activation_checkpoint=mode)
 
 
 def propose(cfg, budget: int, max_world: int = 4096, top: int = 5) -> list[dict]:
@@ -55,7 +59,7 @@ def propose(cfg, budget: int, max_world: int = 4096, top: int = 5) -> list[dict]
     while world <= max_world:
         fits = []
         for pc in candidates(cfg, world):
-            dims = ParallelDims(1, pc.dp_shard, pc.tp, pc.pp, pc.ep, world)
+            dims = ParallelDims(1, pc.dp_shard, pc.tp, pc.pp, pc.ep, world, pc.moe_fold)
             probe = [s * world // pc.pp for s in range(pc.pp)]
             try:
                 ranks = plan_memory(cfg, dims, ranks=probe, cache=cache)
@@ -64,7 +68,8 @@ def propose(cfg, budget: int, max_world: int = 4096, top: int = 5) -> list[dict]
             need = max(needed_bytes(r.as_dict(), pc.activation_checkpoint) for r in ranks)
             if need <= budget:
                 fits.append({"world_size": world, "dp_shard": pc.dp_shard, "tp": pc.tp, "pp": pc.pp, "ep": pc.ep,
-                             "activation_checkpoint": pc.activation_checkpoint, "bytes_per_rank": need})
+                             "moe_fold": pc.moe_fold, "activation_checkpoint": pc.activation_checkpoint,
+                             "bytes_per_rank": need})
         if fits:
             return sorted(fits, key=lambda f: f["bytes_per_rank"])[:top]
         world *= 2
@@ -124,7 +129,8 @@ def _print(name: str, report: dict) -> None:
             print("smallest layouts that fit (state + activations, worst rank):")
             for p in report["proposals"]:
                 print(f"  {p['world_size']:>5} ranks: parallel.dp_shard={p['dp_shard']} parallel.tp={p['tp']} "
-                      f"parallel.pp={p['pp']} parallel.ep={p['ep']} parallel.activation_checkpoint="
+                      f"parallel.pp={p['pp']} parallel.ep={p['ep']}{' parallel.moe_fold=true' if p['moe_fold'] else ''} "
+                      f"parallel.activation_checkpoint="
                       f"{p['activation_checkpoint']}  ({_gib(p['bytes_per_rank'])} GiB)")
         else:
             print("no layout up to 4096 ranks fits")

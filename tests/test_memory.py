@@ -132,6 +132,23 @@ def test_cli_json_and_fit(capsys):
     assert acts["full"] < report["max_rank"]["activation_bytes"]
 
 
+def test_proposals_include_folded_layouts_and_all_are_valid():
+    """The --gpu-mem search covers MoE parallel folding (ep over tp x dp_shard) where tp > 1, and
+    every layout it may propose passes the trainer's own layout checks."""
+    from mohge.parallel.memory_cli import candidates
+    from mohge.train.hydra_config import compose_config
+
+    cfg = compose_config("tiny_mohge", [*TINY])
+    for world in (4, 8):
+        layouts = list(candidates(cfg, world))
+        folded = [pc for pc in layouts if pc.moe_fold]
+        assert folded and all(pc.tp > 1 and pc.ep > 1 for pc in folded)
+        assert any(pc.ep > pc.dp_shard for pc in folded)  # ep spanning the tp ranks too
+        for pc in layouts:
+            pc.validate()
+            ParallelDims(1, pc.dp_shard, pc.tp, pc.pp, pc.ep, world, pc.moe_fold).validate()
+
+
 def test_cli_errors_name_the_option(capsys):
     from mohge.parallel.plan_cli import main
 
