@@ -13,7 +13,8 @@ Under tensor parallel the first block's input is the embedding's `DTensor.to_loc
 the DTensor's local tensor. AOTAutograd (torch 2.13) hands the gradient of a compiled module's
 view input straight to the DTensor redistribute behind the view, skipping the view's own backward,
 which fails (`'Tensor' object has no attribute '_local_tensor'`). The embedding's output is
-therefore copied out of the view: one [batch, sequence / tp, d_model] copy per forward.
+therefore copied out of the view: one [batch, sequence / tp, d_model] copy per forward
+([batch, sequence, d_model] without sequence parallel).
 """
 
 from __future__ import annotations
