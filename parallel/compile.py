@@ -48,5 +48,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: 
 
 
 def _copy_out_of_view(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: `output` as a tensor of its own (see the module docstring)."""
-    return output.clone() if output._is_view() else output
+    """Forward hook: `output` as a plain tensor of its own (see the module docstring). Under
+    no_grad (validation) `to_local()` returns the local tensor itself, an AsyncCollectiveTensor
+    after a sequence-parallel reduce-scatter: passed on, the first block would compile again for it."""
+    return output.clone() if output._is_view() or type(output) is not torch.Tensor else output

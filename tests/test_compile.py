@@ -137,8 +137,14 @@ def _tp_grads(rank, world, compile_blocks: bool):
     with loss_context(True):
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
+        # validation's forward (no_grad): the first block gets a plain tensor, as in training
+        first_input = []
+        model.layers["0"].register_forward_pre_hook(lambda m, args: first_input.append(type(args[0])))
+        with torch.no_grad():
+            val = F.cross_entropy(model(tokens[:, 1:]).flatten(0, 1), tokens[:, :-1].flatten())
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
-    return float(full(loss.detach())), {n: full(p.grad).clone() for n, p in model.named_parameters()}
+    grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+    return float(full(loss.detach())), float(full(val)), first_input, grads
 
 
 def _tp_rank(rank, world):
@@ -150,11 +156,13 @@ def test_compiled_blocks_under_tensor_parallel_match_eager():
     """tp=2 + sequence parallel: compiled blocks give eager's loss and every gradient. The first
     block's input is the embedding's DTensor.to_local() view; AOTAutograd used to hand its
     gradient to the DTensor redistribute behind it as a plain tensor (AttributeError in backward)
-    until parallel/compile.py copied it out of the view."""
+    until parallel/compile.py copied it out of the view. A no_grad forward (validation) matches too."""
     from distributed import run_ranks
 
-    for (want_loss, want), (got_loss, got) in run_ranks(2, _tp_rank, timeout=300):
+    for (want_loss, want_val, _, want), (got_loss, got_val, first_input, got) in run_ranks(2, _tp_rank, timeout=300):
         assert got_loss == pytest.approx(want_loss, rel=1e-6)
+        assert got_val == pytest.approx(want_val, rel=1e-6)
+        assert first_input == [torch.Tensor]  # no recompile for an AsyncCollectiveTensor in validation
         assert sorted(got) == sorted(want)
         for name, g in want.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
