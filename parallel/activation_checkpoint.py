@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mohge.model.moe.layer import recorded_state, replaying
+from mohge.model.moe.layer import moe_layers, recorded_state, replaying
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -24,10 +24,16 @@ def _checkpointed(module: nn.Module) -> None:
     # (parallel/compile.py replaces it: the checkpoint stays eager, around the compiled code).
     module.checkpointed_forward = module.forward
 
-    def forward(*args, **kwargs):
-        state = recorded_state(module)
-        return checkpoint(module.checkpointed_forward, *args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), replaying(state)), **kwargs)
+    if next(moe_layers(module), None) is None:  # selective (attention): no routing statistics to replay
+        # No context_fn then: dynamo cannot trace a checkpoint given one (compile_backend=eager,
+        # which keeps the checkpoint inside the compiled block, failed on it).
+        def forward(*args, **kwargs):
+            return checkpoint(module.checkpointed_forward, *args, use_reentrant=False, **kwargs)
+    else:
+        def forward(*args, **kwargs):
+            state = recorded_state(module)
+            return checkpoint(module.checkpointed_forward, *args, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), replaying(state)), **kwargs)
 
     module.forward = forward
 

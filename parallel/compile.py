@@ -13,7 +13,8 @@ Under tensor parallel the first block's input is the embedding's `DTensor.to_loc
 the DTensor's local tensor. AOTAutograd (torch 2.13) hands the gradient of a compiled module's
 view input straight to the DTensor redistribute behind the view, skipping the view's own backward,
 which fails (`'Tensor' object has no attribute '_local_tensor'`). The embedding's output is
-therefore copied out of the view: one [batch, sequence / tp, d_model] copy per forward.
+therefore copied out of the view: one [batch, sequence / tp, d_model] copy per forward
+([batch, sequence, d_model] without sequence parallel).
 """
 
 from __future__ import annotations
@@ -47,5 +48,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor", expert_parallel: 
 
 
 def _copy_out_of_view(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: `output` as a tensor of its own (see the module docstring)."""
-    return output.clone() if output._is_view() else output
+    """Forward hook: `output` as a plain tensor of its own (see the module docstring). Under
+    no_grad (validation) `to_local()` returns the local tensor itself, an AsyncCollectiveTensor
+    after a sequence-parallel reduce-scatter: passed on, the first block would compile again for it."""
+    return output.clone() if output._is_view() or type(output) is not torch.Tensor else output

@@ -109,6 +109,27 @@ def test_user_error_under_torchrun_is_one_line_exit_2(tmp_path):
     assert lines == ["mohge-train: config error: train.lr: must be > 0 (got -1.0)"], proc.stderr
 
 
+@pytest.mark.multirank
+def test_user_error_line_survives_a_rank_0_behind_the_others(tmp_path):
+    """Under torchrun the agent stops every worker once one exits: rank 1 reaching the same config
+    error before rank 0 (a loaded machine) got rank 0 killed before it printed (exit 2, no line)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, sys, time\n"
+        "from mohge.train.errors import ConfigError, run_tool\n"
+        "def body():\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        time.sleep(1.5)  # behind the other rank\n"
+        "    raise ConfigError('train.lr: must be > 0')\n"
+        "sys.exit(run_tool('train', body))\n")
+    cmd = [sys.executable, "-m", "mohge.launch.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(worker)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["mohge-train: config error: train.lr: must be > 0"], proc.stderr
+
+
 def test_usage_error_is_one_line(capsys):
     line = _one_line(capsys, [*TINY, "--print-config", "--world-size", "0"])
     assert line == "mohge-train: usage error: --world-size: must be >= 1 (got 0)"

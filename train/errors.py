@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from typing import Callable, Optional
 
 EXIT_USER_ERROR = 2
+RANK0_GRACE_S = 5.0  # under torchrun, how long other ranks leave rank 0 to print a shared error
 
 
 class MohgeError(Exception):
@@ -103,6 +105,10 @@ def report(tool: str, err: BaseException) -> int:
         print(line, file=sys.stderr, flush=True)
     elif not getattr(err, "same_on_every_rank", False):
         print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
+    elif os.environ.get("TORCHELASTIC_RUN_ID") and getattr(err, "exit_code", EXIT_USER_ERROR) == EXIT_USER_ERROR:
+        # torchrun stops every worker as soon as one exits: a rank that got here before rank 0
+        # would have rank 0 killed before it prints the line. Rank 0's exit ends this wait.
+        time.sleep(RANK0_GRACE_S)
     return getattr(err, "exit_code", EXIT_USER_ERROR)
 
 
