@@ -57,6 +57,9 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}: must be >= 1 (got {getattr(self, name)})")
         if self.pp_schedule not in PP_SCHEDULES:
             raise ConfigError(f"parallel.pp_schedule: must be one of {PP_SCHEDULES}")
+        if self.pp_virtual_stages > 1 and self.pp_schedule != "interleaved_1f1b":
+            raise ConfigError(f"parallel.pp_virtual_stages: {self.pp_schedule} runs one stage per rank; use "
+                              "parallel.pp_schedule=interleaved_1f1b for virtual stages")
         if self.activation_checkpoint not in ACTIVATION_CHECKPOINT:
             raise ConfigError(f"parallel.activation_checkpoint: must be one of {ACTIVATION_CHECKPOINT}")
         if self.moe_fold:

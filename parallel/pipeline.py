@@ -124,9 +124,7 @@ class Pipeline:
         if schedule == "interleaved_1f1b":
             self.schedule = cls(pipeline_stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
         else:
-            if len(pipeline_stages) != 1:
-                raise ConfigError(f"parallel.pp_virtual_stages: {schedule} runs one stage per rank; use "
-                                  "parallel.pp_schedule=interleaved_1f1b for virtual stages")
+            # one stage per rank (ParallelConfig.validate refuses virtual stages here)
             self.schedule = cls(pipeline_stages[0], n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -59,6 +59,7 @@ def test_active_params_follow_group_traffic():
         ("parallel.tp=3 parallel.dp_shard=1", "model.n_heads"),
         ("model.moe.expert_compute=grouped model.moe.groups.0.ffn_hidden_size=12", "model.moe.groups[0].ffn_hidden_size"),
         ("train.compile=true parallel.activation_checkpoint=selective", "train.compile"),
+        ("parallel.pp=2 parallel.dp_shard=1 parallel.pp_virtual_stages=2", "parallel.pp_virtual_stages"),
     ],
 )
 def test_config_errors_name_the_field(override, field):
