@@ -24,16 +24,15 @@ def _checkpointed(module: nn.Module) -> None:
     # (parallel/compile.py replaces it: the checkpoint stays eager, around the compiled code).
     module.checkpointed_forward = module.forward
 
-    if next(moe_layers(module), None) is None:  # selective (attention): no routing statistics to replay
-        # No context_fn then: dynamo cannot trace a checkpoint given one (compile_backend=eager,
-        # which keeps the checkpoint inside the compiled block, failed on it).
-        def forward(*args, **kwargs):
-            return checkpoint(module.checkpointed_forward, *args, use_reentrant=False, **kwargs)
-    else:
-        def forward(*args, **kwargs):
+    replays = next(moe_layers(module), None) is not None  # selective (attention alone): nothing to replay
+
+    def forward(*args, **kwargs):
+        if replays:  # the recompute replays the routing statistics the forward saw
             state = recorded_state(module)
-            return checkpoint(module.checkpointed_forward, *args, use_reentrant=False,
-                              context_fn=lambda: (nullcontext(), replaying(state)), **kwargs)
+            kwargs["context_fn"] = lambda: (nullcontext(), replaying(state))
+        # (no context_fn otherwise: dynamo cannot trace a checkpoint given one, and with
+        # compile_backend=eager the attention's checkpoint sits inside the compiled block)
+        return checkpoint(module.checkpointed_forward, *args, use_reentrant=False, **kwargs)
 
     module.forward = forward
 
