@@ -99,17 +99,17 @@ def error_line(tool: str, err: BaseException) -> str:
 
 def report(tool: str, err: BaseException) -> int:
     """Prints `err` as one line (rank 0, or any rank for rank-specific errors); returns the exit code."""
-    rank = _rank()
+    rank, code = _rank(), getattr(err, "exit_code", EXIT_USER_ERROR)
     line = error_line(tool, err)
     if rank == 0:
         print(line, file=sys.stderr, flush=True)
     elif not getattr(err, "same_on_every_rank", False):
         print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
-    elif os.environ.get("TORCHELASTIC_RUN_ID") and getattr(err, "exit_code", EXIT_USER_ERROR) == EXIT_USER_ERROR:
+    elif os.environ.get("TORCHELASTIC_RUN_ID") and code == EXIT_USER_ERROR:
         # torchrun stops every worker as soon as one exits: a rank that got here before rank 0
         # would have rank 0 killed before it prints the line. Rank 0's exit ends this wait.
         time.sleep(RANK0_GRACE_S)
-    return getattr(err, "exit_code", EXIT_USER_ERROR)
+    return code
 
 
 def run_tool(tool: str, fn: Callable[[], Optional[int]]) -> int:
